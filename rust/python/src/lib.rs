@@ -74,6 +74,9 @@ fn type_name(v: &Value) -> String {
     }
 }
 
+/// (name, dims in ggml order, type name, file index, absolute offset, nbytes).
+type TensorRow = (String, Vec<u64>, &'static str, usize, u64, u64);
+
 /// A GGUF model (one file or all parts of a split model), memory-mapped and validated.
 #[pyclass(module = "pyqmoe._core", frozen)]
 struct GGUFModel {
@@ -131,7 +134,7 @@ impl GGUFModel {
     }
 
     /// Tensors as (name, dims in ggml order, type name, file index, absolute offset, nbytes).
-    fn tensor_infos(&self) -> Vec<(String, Vec<u64>, &'static str, usize, u64, u64)> {
+    fn tensor_infos(&self) -> Vec<TensorRow> {
         self.inner
             .tensors
             .iter()
