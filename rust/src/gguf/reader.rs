@@ -278,7 +278,7 @@ pub fn parse_header(buf: &[u8], path: &Path, file_len: u64) -> Result<Header> {
         let t = &tensors[i];
         let fail = |msg: String| Error::Format {
             path: path.to_path_buf(),
-            offset: data_offset + t.offset.min(u64::MAX - data_offset),
+            offset: data_offset.saturating_add(t.offset),
             field: format!("tensor '{}'", t.name),
             msg,
         };
