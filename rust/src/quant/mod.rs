@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod float;
 pub mod legacy;
 pub mod testdata;
+pub mod util;
 
 /// A block type's kernels, all working on whole rows (a multiple of the block size).
 pub trait BlockQuant {
