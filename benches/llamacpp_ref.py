@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -187,7 +186,7 @@ def quantize(
     else:
         bounds = np.linspace(0, n_rows, nthreads + 1).astype(int)
         with ThreadPoolExecutor(nthreads) as pool:
-            futures = [pool.submit(run, int(a), int(b - a)) for a, b in itertools.pairwise(bounds) if b > a]
+            futures = [pool.submit(run, int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
             for f in futures:
                 f.result()
     return out

@@ -25,13 +25,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benches"))
 
-import llamacpp_ref
+import llamacpp_ref  # noqa: E402  (found through the sys.path entry above)
 
 N_PER_ROW = 512
 N_RANDOM = 8
 
 
-def inputs(n: int = N_PER_ROW, n_random: int = N_RANDOM, seed: int = 20240601) -> tuple[np.ndarray, list[str], np.ndarray]:
+def inputs(
+    n: int = N_PER_ROW, n_random: int = N_RANDOM, seed: int = 20240601
+) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Deterministic rows (heavy-tailed random, then adversarial) and an importance matrix."""
     rng = np.random.default_rng(seed)
     rows: list[np.ndarray] = []
