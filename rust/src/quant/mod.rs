@@ -12,6 +12,7 @@ use crate::types::GgmlType;
 
 pub mod cpu;
 pub mod float;
+pub mod kquants;
 pub mod legacy;
 pub mod testdata;
 pub mod util;
@@ -73,6 +74,12 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
         Q5_0 => Some(&legacy::Q5_0_KERNELS),
         Q5_1 => Some(&legacy::Q5_1_KERNELS),
         Q8_0 => Some(&legacy::Q8_0_KERNELS),
+        Q2_K => Some(&kquants::Q2_K_KERNELS),
+        Q3_K => Some(&kquants::Q3_K_KERNELS),
+        Q4_K => Some(&kquants::Q4_K_KERNELS),
+        Q5_K => Some(&kquants::Q5_K_KERNELS),
+        Q6_K => Some(&kquants::Q6_K_KERNELS),
+        Q8_K => Some(&kquants::Q8_K_KERNELS),
         _ => None,
     }
 }
