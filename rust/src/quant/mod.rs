@@ -12,6 +12,7 @@ use crate::types::GgmlType;
 
 pub mod cpu;
 pub mod float;
+pub mod iq_tables;
 pub mod legacy;
 pub mod testdata;
 
