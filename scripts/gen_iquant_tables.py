@@ -44,7 +44,7 @@ def native_grid(cls, entry_bytes: int) -> list[int]:
 
 def ksigns() -> list[int]:
     """ksigns_iq2xs: 7 sign bits plus an 8th that makes the count of set bits even."""
-    return [i | ((bin(i).count("1") & 1) << 7) for i in range(128)]
+    return [i | ((i.bit_count() & 1) << 7) for i in range(128)]
 
 
 def render() -> str:
