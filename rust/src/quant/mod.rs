@@ -12,6 +12,8 @@ use crate::types::GgmlType;
 
 pub mod cpu;
 pub mod float;
+pub mod iq3;
+pub mod iq4;
 pub mod iq_tables;
 pub mod legacy;
 pub mod testdata;
@@ -69,6 +71,10 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
         F16 => Some(&float::F16_KERNELS),
         BF16 => Some(&float::BF16_KERNELS),
         Q8_0 => Some(&legacy::Q8_0_KERNELS),
+        IQ3_XXS => Some(&iq3::IQ3_XXS_KERNELS),
+        IQ3_S => Some(&iq3::IQ3_S_KERNELS),
+        IQ4_NL => Some(&iq4::IQ4_NL_KERNELS),
+        IQ4_XS => Some(&iq4::IQ4_XS_KERNELS),
         _ => None,
     }
 }
