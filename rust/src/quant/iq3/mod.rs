@@ -35,6 +35,48 @@ pub(crate) struct Iq3Grid {
     pub map: Vec<i32>,
     /// Neighbour lists: a count, then that many grid indices.
     pub neighbours: Vec<u16>,
+    /// The same lists laid out for 8-wide SIMD.
+    pub lanes: NeighbourLanes,
+}
+
+/// Neighbour lists in structure-of-arrays form, each padded to a multiple of 8 entries.
+pub(crate) struct NeighbourLanes {
+    /// `level[i][at + j]`: element i of neighbour j, as f32 (the odd level 2l + 1).
+    pub level: [Vec<f32>; 4],
+    /// `index[at + j]`: grid index of neighbour j.
+    pub index: Vec<u16>,
+    /// Per map key: where its list starts, and its length (0 for points on the grid).
+    pub at: Vec<u32>,
+    pub len: Vec<u16>,
+}
+
+impl NeighbourLanes {
+    fn build(points: &[[i8; 4]], map: &[i32], neighbours: &[u16]) -> NeighbourLanes {
+        let mut nl = NeighbourLanes {
+            level: std::array::from_fn(|_| vec![]),
+            index: vec![],
+            at: vec![0; map.len()],
+            len: vec![0; map.len()],
+        };
+        for (u, m) in map.iter().enumerate() {
+            if *m >= 0 {
+                continue;
+            }
+            let start = (-m - 1) as usize;
+            let list = &neighbours[start + 1..start + 1 + neighbours[start] as usize];
+            nl.at[u] = nl.index.len() as u32;
+            nl.len[u] = list.len() as u16;
+            let padded = list.len().next_multiple_of(8);
+            for j in 0..padded {
+                let gi = list.get(j).copied().unwrap_or(list[0]);
+                nl.index.push(gi);
+                for (i, lv) in nl.level.iter_mut().enumerate() {
+                    lv.push(points[gi as usize][i] as f32);
+                }
+            }
+        }
+        nl
+    }
 }
 
 impl Iq3Grid {
@@ -57,10 +99,26 @@ impl Iq3Grid {
                 continue;
             }
             let pos: [i32; 4] = std::array::from_fn(|k| 2 * ((u >> (3 * k)) & 7) as i32 + 1);
+            let d2_of = |p: &[i8; 4]| -> i32 { (0..4).map(|k| (p[k] as i32 - pos[k]).pow(2)).sum() };
+            // Only the points within the nwant smallest distinct distances matter: find that
+            // cut-off first, then sort just those by (distance, index) as ggml's qsort orders them.
+            let mut smallest = [i32::MAX; 3];
+            for p in &points {
+                let d = d2_of(p);
+                if let Some(pos) = smallest[..nwant].iter().position(|s| d <= *s) {
+                    if smallest[pos] != d {
+                        smallest[pos..nwant].rotate_right(1);
+                        smallest[pos] = d;
+                    }
+                }
+            }
+            let cut = smallest[nwant - 1];
             dist2.clear();
             for (j, p) in points.iter().enumerate() {
-                let d2: i32 = (0..4).map(|k| (p[k] as i32 - pos[k]).pow(2)).sum();
-                dist2.push((d2, j));
+                let d = d2_of(p);
+                if d <= cut {
+                    dist2.push((d, j));
+                }
             }
             dist2.sort_unstable();
             *entry = -(neighbours.len() as i32 + 1);
@@ -79,7 +137,8 @@ impl Iq3Grid {
             }
             neighbours[start] = (neighbours.len() - start - 1) as u16;
         }
-        Iq3Grid { points, map, neighbours }
+        let lanes = NeighbourLanes::build(&points, &map, &neighbours);
+        Iq3Grid { points, map, neighbours, lanes }
     }
 
     /// The neighbour list of an off-grid point whose map entry is `m` (< 0).
@@ -331,6 +390,32 @@ mod tests {
     }
 
     #[test]
+    fn neighbour_lists_match_a_full_sort() {
+        for (g, nwant) in [(grid_xxs(), 2), (grid_s(), 3)] {
+            for u in (0..4096).step_by(7) {
+                if g.map[u] >= 0 {
+                    continue;
+                }
+                let pos: Vec<i32> = (0..4).map(|k| 2 * ((u >> (3 * k)) & 7) as i32 + 1).collect();
+                let mut all: Vec<(i32, u16)> = g
+                    .points
+                    .iter()
+                    .enumerate()
+                    .map(|(j, p)| ((0..4).map(|k| (p[k] as i32 - pos[k]).pow(2)).sum(), j as u16))
+                    .collect();
+                all.sort();
+                let mut distinct: Vec<i32> = all.iter().map(|a| a.0).collect();
+                distinct.dedup();
+                let want: Vec<u16> = all.iter().filter(|a| a.0 <= distinct[nwant - 1]).map(|a| a.1).collect();
+                assert_eq!(g.neighbours_of(g.map[u]), &want[..], "key {u}");
+                let nl = &g.lanes;
+                let at = nl.at[u] as usize;
+                assert_eq!(&nl.index[at..at + nl.len[u] as usize], &want[..]);
+            }
+        }
+    }
+
+    #[test]
     fn ksigns_have_even_parity() {
         for (i, s) in super::super::iq_tables::KSIGNS_IQ2XS.iter().enumerate() {
             assert_eq!(*s as usize & 127, i);
@@ -340,6 +425,4 @@ mod tests {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx2 {
-    pub(crate) use super::search_ref as search;
-}
+pub(crate) mod avx2;
