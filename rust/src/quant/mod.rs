@@ -13,6 +13,9 @@ use crate::types::GgmlType;
 pub mod cpu;
 pub mod float;
 pub mod kquants;
+pub mod iq3;
+pub mod iq4;
+pub mod iq_tables;
 pub mod legacy;
 pub mod testdata;
 pub mod util;
@@ -80,6 +83,10 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
         Q5_K => Some(&kquants::Q5_K_KERNELS),
         Q6_K => Some(&kquants::Q6_K_KERNELS),
         Q8_K => Some(&kquants::Q8_K_KERNELS),
+        IQ3_XXS => Some(&iq3::IQ3_XXS_KERNELS),
+        IQ3_S => Some(&iq3::IQ3_S_KERNELS),
+        IQ4_NL => Some(&iq4::IQ4_NL_KERNELS),
+        IQ4_XS => Some(&iq4::IQ4_XS_KERNELS),
         _ => None,
     }
 }
