@@ -12,6 +12,8 @@ use crate::types::GgmlType;
 
 pub mod cpu;
 pub mod float;
+pub mod iq1;
+pub mod iq2;
 pub mod iq_tables;
 pub mod legacy;
 pub mod testdata;
@@ -69,6 +71,11 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
         F16 => Some(&float::F16_KERNELS),
         BF16 => Some(&float::BF16_KERNELS),
         Q8_0 => Some(&legacy::Q8_0_KERNELS),
+        IQ2_XXS => Some(&iq2::IQ2_XXS_KERNELS),
+        IQ2_XS => Some(&iq2::IQ2_XS_KERNELS),
+        IQ2_S => Some(&iq2::IQ2_S_KERNELS),
+        IQ1_S => Some(&iq1::IQ1_S_KERNELS),
+        IQ1_M => Some(&iq1::IQ1_M_KERNELS),
         _ => None,
     }
 }
@@ -302,9 +309,11 @@ mod tests {
         let x = testdata::heavy_tailed(7, 64 * 512);
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         let many = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let w = testdata::importance(8, 512);
         for ty in supported_types() {
-            let a = one.install(|| quantize("t", &x, 512, ty, None).unwrap());
-            let b = many.install(|| quantize("t", &x, 512, ty, None).unwrap());
+            let imatrix = kernels(ty).unwrap().requires_imatrix.then_some(&w[..]);
+            let a = one.install(|| quantize("t", &x, 512, ty, imatrix).unwrap());
+            let b = many.install(|| quantize("t", &x, 512, ty, imatrix).unwrap());
             assert_eq!(a, b, "{ty}");
         }
     }
