@@ -1,0 +1,262 @@
+//! pyqmoe._core: the PyO3 shell over pyqmoe-core. No numerics here: argument conversion, the GIL
+//! released around Rust work, and Rust errors mapped to Python exceptions (never a panic).
+
+use std::path::PathBuf;
+
+use numpy::{PyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+
+use pyqmoe_core::gguf::{GgufModel, SplitLimits, SplitWriter, TensorSpec, Value, ValueType};
+use pyqmoe_core::{quant, Error, GgmlType};
+
+create_exception!(_core, PyqmoeError, PyValueError, "Base class of pyqmoe's errors.");
+create_exception!(_core, GGUFFormatError, PyqmoeError, "A malformed, truncated or unsupported GGUF file.");
+create_exception!(_core, TensorError, PyqmoeError, "Tensor data that cannot be converted (NaN/Inf, bad shape, ...).");
+create_exception!(_core, UnknownTypeError, PyqmoeError, "A tensor type name pyqmoe does not know or cannot make.");
+
+fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::Format { .. } => GGUFFormatError::new_err(msg),
+        Error::Io { source, .. } => PyOSError::new_err((source.raw_os_error().unwrap_or(0), msg)),
+        Error::Tensor { .. } => TensorError::new_err(msg),
+        Error::UnknownType(_) => UnknownTypeError::new_err(msg),
+        Error::Invalid(_) => PyqmoeError::new_err(msg),
+    }
+}
+
+fn parse_type(name: &str) -> PyResult<GgmlType> {
+    GgmlType::from_name(name).map_err(to_py)
+}
+
+fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        Value::U8(x) => x.into_pyobject(py)?.into_any(),
+        Value::I8(x) => x.into_pyobject(py)?.into_any(),
+        Value::U16(x) => x.into_pyobject(py)?.into_any(),
+        Value::I16(x) => x.into_pyobject(py)?.into_any(),
+        Value::U32(x) => x.into_pyobject(py)?.into_any(),
+        Value::I32(x) => x.into_pyobject(py)?.into_any(),
+        Value::U64(x) => x.into_pyobject(py)?.into_any(),
+        Value::I64(x) => x.into_pyobject(py)?.into_any(),
+        Value::F32(x) => x.into_pyobject(py)?.into_any(),
+        Value::F64(x) => x.into_pyobject(py)?.into_any(),
+        Value::Bool(x) => x.into_pyobject(py)?.to_owned().into_any(),
+        // Invalid UTF-8 (possible in tokenizer vocabularies) comes back as bytes, not mangled.
+        Value::String(b) => match std::str::from_utf8(b) {
+            Ok(s) => s.into_pyobject(py)?.into_any(),
+            Err(_) => PyBytes::new(py, b).into_any(),
+        },
+        Value::Array(_, items) => {
+            let list = PyList::empty(py);
+            for it in items {
+                list.append(value_to_py(py, it)?)?;
+            }
+            list.into_any()
+        }
+    })
+}
+
+fn type_name(v: &Value) -> String {
+    match v {
+        Value::Array(t, items) => {
+            // Nested arrays: name the innermost element type too, e.g. ARRAY[ARRAY[INT32]].
+            let inner = match items.first() {
+                Some(first @ Value::Array(..)) => type_name(first),
+                _ => t.name().to_string(),
+            };
+            format!("ARRAY[{inner}]")
+        }
+        v => v.value_type().name().to_string(),
+    }
+}
+
+/// (name, dims in ggml order, type name, file index, absolute offset, nbytes).
+type TensorRow = (String, Vec<u64>, &'static str, usize, u64, u64);
+
+/// A GGUF model (one file or all parts of a split model), memory-mapped and validated.
+#[pyclass(module = "pyqmoe._core", frozen)]
+struct GGUFModel {
+    inner: GgufModel,
+}
+
+#[pymethods]
+impl GGUFModel {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| GgufModel::open(&path)).map_err(to_py)?;
+        Ok(GGUFModel { inner })
+    }
+
+    /// Paths of the files, in split order.
+    #[getter]
+    fn paths(&self) -> Vec<PathBuf> {
+        self.inner.files.iter().map(|f| f.path.clone()).collect()
+    }
+
+    #[getter]
+    fn version(&self) -> u32 {
+        self.inner.files[0].header.version
+    }
+
+    #[getter]
+    fn alignment(&self) -> u64 {
+        self.inner.files[0].header.alignment
+    }
+
+    /// Per file: the absolute offset where tensor data starts.
+    #[getter]
+    fn data_offsets(&self) -> Vec<u64> {
+        self.inner.files.iter().map(|f| f.header.data_offset).collect()
+    }
+
+    #[getter]
+    fn file_sizes(&self) -> Vec<u64> {
+        self.inner.files.iter().map(|f| f.len()).collect()
+    }
+
+    /// Metadata of the first file as a list of (key, type name, value), in file order.
+    fn fields<'py>(&self, py: Python<'py>) -> PyResult<Vec<(String, String, Bound<'py, PyAny>)>> {
+        self.inner
+            .metadata()
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), type_name(v), value_to_py(py, v)?)))
+            .collect()
+    }
+
+    /// Metadata of one split part (split files after the first hold only the split.* keys).
+    fn file_fields<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Vec<(String, String, Bound<'py, PyAny>)>> {
+        let f = self.inner.files.get(index).ok_or_else(|| PyValueError::new_err("no such split part"))?;
+        f.header.metadata.iter().map(|(k, v)| Ok((k.clone(), type_name(v), value_to_py(py, v)?))).collect()
+    }
+
+    /// Tensors as (name, dims in ggml order, type name, file index, absolute offset, nbytes).
+    fn tensor_infos(&self) -> Vec<TensorRow> {
+        self.inner
+            .tensors
+            .iter()
+            .map(|(fi, t)| {
+                let f = &self.inner.files[*fi];
+                (t.name.clone(), t.dims.clone(), t.ty.name(), *fi, f.tensor_file_offset(t), t.nbytes)
+            })
+            .collect()
+    }
+
+    /// Dequantizes one tensor to a flat float32 array (a copy).
+    fn dequantize<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let t = self.inner.tensor(name).ok_or_else(|| PyValueError::new_err(format!("no tensor named '{name}'")))?;
+        let data = self.inner.tensor_data(name).unwrap();
+        let (n_per_row, ty) = (t.n_per_row() as usize, t.ty);
+        let out = py.detach(|| quant::dequantize(name, data, n_per_row, ty)).map_err(to_py)?;
+        Ok(PyArray1::from_vec(py, out))
+    }
+}
+
+/// Quantizes a float32 array whose last axis is the row, returning uint8 bytes of shape
+/// (rows, row bytes).
+#[pyfunction]
+#[pyo3(signature = (array, qtype, imatrix=None, name="array"))]
+fn quantize<'py>(
+    py: Python<'py>,
+    array: PyReadonlyArrayDyn<'py, f32>,
+    qtype: &str,
+    imatrix: Option<PyReadonlyArrayDyn<'py, f32>>,
+    name: &str,
+) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    let ty = parse_type(qtype)?;
+    let shape = array.shape().to_vec();
+    let n_per_row = *shape.last().unwrap_or(&1);
+    let src = array.as_slice().map_err(|_| PyValueError::new_err("array must be C-contiguous"))?;
+    let w = match &imatrix {
+        Some(w) => Some(w.as_slice().map_err(|_| PyValueError::new_err("imatrix must be C-contiguous"))?),
+        None => None,
+    };
+    let out = py.detach(|| quant::quantize(name, src, n_per_row, ty, w)).map_err(to_py)?;
+    Ok(PyArray1::from_vec(py, out))
+}
+
+/// Dequantizes packed bytes of `qtype` with rows of `n_per_row` elements to a flat float32 array.
+#[pyfunction]
+#[pyo3(signature = (raw, qtype, n_per_row, name="array"))]
+fn dequantize<'py>(
+    py: Python<'py>,
+    raw: PyReadonlyArrayDyn<'py, u8>,
+    qtype: &str,
+    n_per_row: usize,
+    name: &str,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let ty = parse_type(qtype)?;
+    let src = raw.as_slice().map_err(|_| PyValueError::new_err("raw must be C-contiguous"))?;
+    let out = py.detach(|| quant::dequantize(name, src, n_per_row, ty)).map_err(to_py)?;
+    Ok(PyArray1::from_vec(py, out))
+}
+
+/// (name, id, block size, type size, pyqmoe can convert it) for every ggml type.
+#[pyfunction]
+fn types() -> Vec<(&'static str, u32, usize, usize, bool)> {
+    pyqmoe_core::types::ALL_TYPES
+        .iter()
+        .map(|t| (t.name(), t.id(), t.block_size(), t.type_size(), quant::kernels(*t).is_some()))
+        .collect()
+}
+
+#[pyfunction]
+fn requires_imatrix(qtype: &str) -> PyResult<bool> {
+    let ty = parse_type(qtype)?;
+    Ok(quant::kernels(ty).is_some_and(|k| k.requires_imatrix))
+}
+
+/// Rewrites a model (split or not) into `dst`, tensors and metadata unchanged, optionally split.
+/// Returns the written paths.
+#[pyfunction]
+#[pyo3(signature = (src, dst, split_max_bytes=None, split_max_tensors=None))]
+fn rewrite(py: Python<'_>, src: PathBuf, dst: PathBuf, split_max_bytes: Option<u64>, split_max_tensors: Option<usize>) -> PyResult<Vec<PathBuf>> {
+    py.detach(|| -> pyqmoe_core::Result<Vec<PathBuf>> {
+        let model = GgufModel::open(&src)?;
+        let specs: Vec<TensorSpec> = model
+            .tensors
+            .iter()
+            .map(|(_, t)| TensorSpec { name: t.name.clone(), dims: t.dims.clone(), ty: t.ty })
+            .collect();
+        let limits = SplitLimits { max_bytes: split_max_bytes, max_tensors: split_max_tensors };
+        let mut w = SplitWriter::create(&dst, model.metadata(), specs, limits)?;
+        for (_, t) in &model.tensors {
+            w.write_tensor(model.tensor_data(&t.name).unwrap())?;
+        }
+        w.finish()
+    })
+    .map_err(to_py)
+}
+
+/// Names of the value types, for writers on the Python side.
+#[pyfunction]
+fn value_type_names() -> Vec<&'static str> {
+    (0..13).filter_map(ValueType::from_id).map(|t| t.name()).collect()
+}
+
+#[pyfunction]
+fn cpu_features() -> String {
+    quant::cpu::describe()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("PyqmoeError", py.get_type::<PyqmoeError>())?;
+    m.add("GGUFFormatError", py.get_type::<GGUFFormatError>())?;
+    m.add("TensorError", py.get_type::<TensorError>())?;
+    m.add("UnknownTypeError", py.get_type::<UnknownTypeError>())?;
+    m.add_class::<GGUFModel>()?;
+    m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(types, m)?)?;
+    m.add_function(wrap_pyfunction!(requires_imatrix, m)?)?;
+    m.add_function(wrap_pyfunction!(rewrite, m)?)?;
+    m.add_function(wrap_pyfunction!(value_type_names, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
