@@ -17,6 +17,7 @@ pub mod iq2;
 pub mod iq_tables;
 pub mod legacy;
 pub mod testdata;
+pub mod util;
 
 /// A block type's kernels, all working on whole rows (a multiple of the block size).
 pub trait BlockQuant {
@@ -70,6 +71,10 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
         F32 => Some(&float::F32_KERNELS),
         F16 => Some(&float::F16_KERNELS),
         BF16 => Some(&float::BF16_KERNELS),
+        Q4_0 => Some(&legacy::Q4_0_KERNELS),
+        Q4_1 => Some(&legacy::Q4_1_KERNELS),
+        Q5_0 => Some(&legacy::Q5_0_KERNELS),
+        Q5_1 => Some(&legacy::Q5_1_KERNELS),
         Q8_0 => Some(&legacy::Q8_0_KERNELS),
         IQ2_XXS => Some(&iq2::IQ2_XXS_KERNELS),
         IQ2_XS => Some(&iq2::IQ2_XS_KERNELS),
