@@ -15,6 +15,8 @@ pub mod float;
 pub mod kquants;
 pub mod iq3;
 pub mod iq4;
+pub mod iq1;
+pub mod iq2;
 pub mod iq_tables;
 pub mod legacy;
 pub mod testdata;
@@ -87,6 +89,11 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
         IQ3_S => Some(&iq3::IQ3_S_KERNELS),
         IQ4_NL => Some(&iq4::IQ4_NL_KERNELS),
         IQ4_XS => Some(&iq4::IQ4_XS_KERNELS),
+        IQ2_XXS => Some(&iq2::IQ2_XXS_KERNELS),
+        IQ2_XS => Some(&iq2::IQ2_XS_KERNELS),
+        IQ2_S => Some(&iq2::IQ2_S_KERNELS),
+        IQ1_S => Some(&iq1::IQ1_S_KERNELS),
+        IQ1_M => Some(&iq1::IQ1_M_KERNELS),
         _ => None,
     }
 }
@@ -343,17 +350,13 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_bytes() {
         let x = testdata::heavy_tailed(7, 64 * 512);
-        let one = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        let many = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let many = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let w = testdata::importance(8, 512);
         for ty in supported_types() {
-            let a = one.install(|| quantize("t", &x, 512, ty, None).unwrap());
-            let b = many.install(|| quantize("t", &x, 512, ty, None).unwrap());
+            let imatrix = kernels(ty).unwrap().requires_imatrix.then_some(&w[..]);
+            let a = one.install(|| quantize("t", &x, 512, ty, imatrix).unwrap());
+            let b = many.install(|| quantize("t", &x, 512, ty, imatrix).unwrap());
             assert_eq!(a, b, "{ty}");
         }
     }

@@ -1,0 +1,262 @@
+//! ggml's grid-search state for the 8-dimensional i-quant grids (`iq2xs_init_impl`): the grid
+//! points, a map from every reachable 8×{0,1,2} pattern to its grid index, and, for patterns off
+//! the grid, the list of nearest grid points to try. Shared by IQ2_XXS/IQ2_XS/IQ2_S and IQ1_S/IQ1_M.
+//!
+//! Also the neighbour search itself (`iq2_find_best_neighbour`, and the list scan of
+//! `iq1_find_best_neighbour2`, which is the same weighted distance with other level values), as a
+//! scalar reference and an AVX2 twin that gives the same index.
+
+/// ggml's kmap_size: patterns are 8 two-bit fields, the largest reachable one is 0xAAAA.
+const MAP_SIZE: usize = 43692;
+
+/// Eight neighbours of one list, their levels transposed for the AVX2 search.
+#[derive(Clone, Copy)]
+pub(crate) struct NeighbourChunk {
+    /// `levels[8*i + lane]`: level (0..=2) of coordinate i of neighbour `lane`, plus 4 for i >= 4
+    /// (coordinates i and i+4 share one term table, in its low and high half).
+    levels: [u8; 64],
+    /// Grid index of each lane; lanes past the list's end repeat its last entry (never chosen).
+    index: [u16; 8],
+}
+
+pub(crate) struct GridSearch {
+    /// Grid points as their 8 levels l in 0..=2 (ggml stores 2l+1).
+    points: Vec<[u8; 8]>,
+    /// Pattern -> grid index (>= 0), or -(n + 1) for the n-th neighbour list; i32::MIN if a
+    /// level is 3 (no quantizer makes those).
+    map: Vec<i32>,
+    /// Neighbour lists back to back: grid indices, nearest first, ties by index.
+    neighbours: Vec<u16>,
+    /// List n is `neighbours[list_start[n]..list_start[n + 1]]`.
+    list_start: Vec<u32>,
+    /// The same lists in chunks of 8: list n is `chunks[chunk_start[n]..chunk_start[n + 1]]`.
+    chunks: Vec<NeighbourChunk>,
+    chunk_start: Vec<u32>,
+}
+
+impl GridSearch {
+    /// Builds the state for a grid given by its packed patterns (ggml's kgrid_*), keeping the
+    /// `nwant` nearest distinct (squared Euclidean) distances of each off-grid pattern.
+    pub(crate) fn new(kgrid: &[u16], nwant: usize) -> Self {
+        let points: Vec<[u8; 8]> = kgrid
+            .iter()
+            .map(|&g| std::array::from_fn(|k| ((g >> (2 * k)) & 3) as u8))
+            .collect();
+        let mut map = vec![i32::MIN; MAP_SIZE];
+        for (i, &g) in kgrid.iter().enumerate() {
+            map[g as usize] = i as i32;
+        }
+        let mut neighbours: Vec<u16> = Vec::new();
+        let mut list_start: Vec<u32> = Vec::new();
+        let mut chunks: Vec<NeighbourChunk> = Vec::new();
+        let mut chunk_start: Vec<u32> = Vec::new();
+        let mut dist2 = vec![0u16; points.len()];
+        // Distances between odd coordinates 1,3,5 are at most 8·4² = 128.
+        let mut count_at = [0u32; 129];
+        let mut list: Vec<u16> = Vec::new();
+        for u in 0..MAP_SIZE {
+            let levels: [u8; 8] = std::array::from_fn(|k| ((u >> (2 * k)) & 3) as u8);
+            // Only patterns of levels 0..=2 can occur: every quantizer clamps to that range.
+            if map[u] >= 0 || levels.iter().any(|&l| l > 2) {
+                continue;
+            }
+            count_at.fill(0);
+            for (d, p) in dist2.iter_mut().zip(&points) {
+                let mut s = 0u16;
+                for k in 0..8 {
+                    // Coordinates are 2l+1, so their difference is twice the level difference.
+                    let diff = 2 * (p[k] as i16 - levels[k] as i16);
+                    s += (diff * diff) as u16;
+                }
+                *d = s;
+                count_at[s as usize] += 1;
+            }
+            // The nwant smallest distinct distances, nearest first; ggml's qsort on (d2, index)
+            // lists exactly these points, ordered by distance and then index.
+            list.clear();
+            let mut have = 0;
+            for (d, &c) in count_at.iter().enumerate() {
+                if c == 0 {
+                    continue;
+                }
+                list.extend(
+                    dist2
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &x)| x as usize == d)
+                        .map(|(j, _)| j as u16),
+                );
+                have += 1;
+                if have == nwant {
+                    break;
+                }
+            }
+            map[u] = -(list_start.len() as i32 + 1);
+            list_start.push(neighbours.len() as u32);
+            neighbours.extend_from_slice(&list);
+            chunk_start.push(chunks.len() as u32);
+            for part in list.chunks(8) {
+                let mut c = NeighbourChunk {
+                    levels: [0; 64],
+                    index: [0; 8],
+                };
+                for lane in 0..8 {
+                    let j = part[lane.min(part.len() - 1)];
+                    c.index[lane] = j;
+                    for i in 0..8 {
+                        c.levels[8 * i + lane] = points[j as usize][i] + if i >= 4 { 4 } else { 0 };
+                    }
+                }
+                chunks.push(c);
+            }
+        }
+        // One past the last list, so each list's range is two consecutive entries.
+        list_start.push(neighbours.len() as u32);
+        chunk_start.push(chunks.len() as u32);
+        GridSearch {
+            points,
+            map,
+            neighbours,
+            list_start,
+            chunks,
+            chunk_start,
+        }
+    }
+
+    /// Number of grid points.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    /// The 8 levels (0..=2) of grid point `index`.
+    #[inline]
+    pub(crate) fn levels(&self, index: u16) -> &[u8; 8] {
+        &self.points[index as usize]
+    }
+
+    /// Grid index of the pattern of 8 levels packed as 2-bit fields, if it lies on the grid.
+    #[inline]
+    pub(crate) fn lookup(&self, pattern: u16) -> Result<u16, OffGrid> {
+        let m = self.map[pattern as usize];
+        if m >= 0 {
+            Ok(m as u16)
+        } else {
+            debug_assert!(m != i32::MIN, "pattern {pattern:#x} has a level above 2");
+            Err(OffGrid((-m - 1) as usize))
+        }
+    }
+
+    /// Reference search (ggml's `iq2_find_best_neighbour` and the list scan of
+    /// `iq1_find_best_neighbour2`): the listed point minimising Σ w·(scale·q − x)², q the level
+    /// values, the first one on ties. ggml aborts when no distance compares below FLT_MAX
+    /// (only reachable with overflowing inputs); we take the list's first entry then.
+    pub(crate) fn best_neighbour_ref(
+        &self,
+        off: OffGrid,
+        values: &[f32; 3],
+        xval: &[f32],
+        weight: &[f32],
+        scale: f32,
+    ) -> u16 {
+        let list =
+            &self.neighbours[self.list_start[off.0] as usize..self.list_start[off.0 + 1] as usize];
+        let mut best_d2 = f32::MAX;
+        let mut best = list[0];
+        for &j in list {
+            let p = &self.points[j as usize];
+            let mut d2 = 0f32;
+            for i in 0..8 {
+                let diff = scale * values[p[i] as usize] - xval[i];
+                d2 += weight[i] * diff * diff;
+            }
+            if d2 < best_d2 {
+                best_d2 = d2;
+                best = j;
+            }
+        }
+        best
+    }
+
+    /// Same result as `best_neighbour_ref`, on the fastest path this CPU has.
+    #[inline]
+    pub(crate) fn best_neighbour(
+        &self,
+        off: OffGrid,
+        values: &[f32; 3],
+        xval: &[f32],
+        weight: &[f32],
+        scale: f32,
+    ) -> u16 {
+        #[cfg(target_arch = "x86_64")]
+        if crate::quant::cpu::has_avx2() {
+            // Safety: AVX2 is present; the list's chunk range was built with the list.
+            return unsafe { self.best_neighbour_avx2(off, values, xval, weight, scale) };
+        }
+        self.best_neighbour_ref(off, values, xval, weight, scale)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn best_neighbour_avx2(
+        &self,
+        off: OffGrid,
+        values: &[f32; 3],
+        xval: &[f32],
+        weight: &[f32],
+        scale: f32,
+    ) -> u16 {
+        use std::arch::x86_64::*;
+        let chunks =
+            &self.chunks[self.chunk_start[off.0] as usize..self.chunk_start[off.0 + 1] as usize];
+        let n = (self.list_start[off.0 + 1] - self.list_start[off.0]) as usize;
+        // Each term w·(s·q − x)² exactly as the reference computes it: mul, sub, mul, mul.
+        let x = _mm256_loadu_ps(xval.as_ptr());
+        let w = _mm256_loadu_ps(weight[..8].as_ptr());
+        let term = |v: f32| {
+            let diff = _mm256_sub_ps(_mm256_set1_ps(scale * v), x);
+            _mm256_mul_ps(_mm256_mul_ps(w, diff), diff)
+        };
+        let (t0, t1, t2) = (term(values[0]), term(values[1]), term(values[2]));
+        // Tables: tab[c] holds coordinate c's three terms in lanes 0..3, coordinate c+4's in 4..7.
+        let t01_lo = _mm256_unpacklo_ps(t0, t1); // t0[0] t1[0] t0[1] t1[1] | t0[4] t1[4] ...
+        let t01_hi = _mm256_unpackhi_ps(t0, t1); // t0[2] t1[2] t0[3] t1[3] | t0[6] ...
+        let t22_lo = _mm256_unpacklo_ps(t2, t2);
+        let t22_hi = _mm256_unpackhi_ps(t2, t2);
+        let tab = [
+            _mm256_shuffle_ps::<0b01_00_01_00>(t01_lo, t22_lo),
+            _mm256_shuffle_ps::<0b11_10_11_10>(t01_lo, t22_lo),
+            _mm256_shuffle_ps::<0b01_00_01_00>(t01_hi, t22_hi),
+            _mm256_shuffle_ps::<0b11_10_11_10>(t01_hi, t22_hi),
+        ];
+        let mut best_d2 = f32::MAX;
+        let mut best = chunks[0].index[0];
+        let mut d2 = [0f32; 8];
+        for (ci, c) in chunks.iter().enumerate() {
+            let mut acc = _mm256_setzero_ps();
+            for i in 0..8 {
+                let lv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    c.levels.as_ptr().add(8 * i) as *const __m128i
+                ));
+                acc = _mm256_add_ps(acc, _mm256_permutevar8x32_ps(tab[i & 3], lv));
+            }
+            let below =
+                _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(acc, _mm256_set1_ps(best_d2)));
+            if below != 0 {
+                _mm256_storeu_ps(d2.as_mut_ptr(), acc);
+                let lanes = (n - 8 * ci).min(8);
+                for lane in 0..lanes {
+                    if d2[lane] < best_d2 {
+                        best_d2 = d2[lane];
+                        best = c.index[lane];
+                    }
+                }
+            }
+        }
+        best
+    }
+}
+
+/// Number of an off-grid pattern's neighbour list.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OffGrid(usize);
