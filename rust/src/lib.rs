@@ -5,6 +5,8 @@
 
 pub mod error;
 pub mod gguf;
+pub mod imatrix;
+pub mod presets;
 pub mod quant;
 pub mod quantize_model;
 pub mod types;

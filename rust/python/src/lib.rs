@@ -10,6 +10,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
 use pyqmoe_core::gguf::{GgufModel, SplitLimits, SplitWriter, TensorSpec, Value, ValueType};
+use pyqmoe_core::imatrix::{Imatrix, ImatrixFormat};
+use pyqmoe_core::presets::Preset;
 use pyqmoe_core::quantize_model::{self as qm, Progress, QuantizeParams, TensorRule};
 use pyqmoe_core::{quant, Error, GgmlType};
 
@@ -312,25 +314,59 @@ fn rewrite(
     .map_err(to_py)
 }
 
+/// Options beyond llama-quantize's positional arguments, shared by plan and run.
+#[derive(Default)]
+struct ExtraOptions {
+    pure: bool,
+    leave_output_tensor: bool,
+    imatrix: Option<PathBuf>,
+    include_weights: Vec<String>,
+    exclude_weights: Vec<String>,
+    prune_layers: Vec<u32>,
+    keep_split: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn parse_params(
-    default_type: &str,
+    preset: &str,
     rules: Vec<(String, String)>,
     token_embedding_type: Option<&str>,
     output_tensor_type: Option<&str>,
     allow_requantize: bool,
     split_max_bytes: Option<u64>,
     split_max_tensors: Option<usize>,
-) -> PyResult<QuantizeParams> {
-    let mut p = QuantizeParams::new(parse_type(default_type)?);
+    extra: ExtraOptions,
+) -> pyqmoe_core::Result<QuantizeParams> {
+    let mut p = QuantizeParams::new(Preset::parse(preset)?);
     for (spec, option) in rules {
-        p.rules
-            .push(TensorRule::parse(&spec, &option).map_err(to_py)?);
+        p.rules.push(TensorRule::parse(&spec, &option)?);
     }
-    p.token_embedding_type = token_embedding_type.map(parse_type).transpose()?;
-    p.output_tensor_type = output_tensor_type.map(parse_type).transpose()?;
+    p.token_embedding_type = token_embedding_type.map(GgmlType::from_name).transpose()?;
+    p.output_tensor_type = output_tensor_type.map(GgmlType::from_name).transpose()?;
     p.allow_requantize = allow_requantize;
     p.split.max_bytes = split_max_bytes;
     p.split.max_tensors = split_max_tensors;
+    p.pure = extra.pure;
+    p.quantize_output_tensor = !extra.leave_output_tensor;
+    p.prune_layers = extra.prune_layers;
+    p.keep_split = extra.keep_split;
+    if p.keep_split && !p.split.is_none() {
+        return Err(Error::Invalid(
+            "--keep-split cannot be combined with --split-max-size/--split-max-tensors".into(),
+        ));
+    }
+    if !extra.include_weights.is_empty() || !extra.exclude_weights.is_empty() {
+        if extra.imatrix.is_none() {
+            return Err(Error::Invalid(
+                "--include-weights/--exclude-weights need --imatrix".into(),
+            ));
+        }
+    }
+    if let Some(path) = extra.imatrix {
+        let mut m = Imatrix::load(&path)?;
+        m.filter(&extra.include_weights, &extra.exclude_weights)?;
+        p.imatrix = Some(m);
+    }
     Ok(p)
 }
 
@@ -343,7 +379,8 @@ type SummaryRow = (
     std::collections::BTreeMap<String, usize>,
 );
 
-/// One plan row: (name, dims, from type, to type, converted, input bytes, output bytes, note).
+/// One plan row: (name, dims, from type, to type, converted, input bytes, output bytes, note,
+/// needs importance data, has importance data, input name).
 type PlanRow = (
     String,
     Vec<u64>,
@@ -353,6 +390,9 @@ type PlanRow = (
     u64,
     u64,
     Option<String>,
+    bool,
+    bool,
+    String,
 );
 
 fn plan_row(e: &qm::PlanEntry) -> PlanRow {
@@ -365,6 +405,9 @@ fn plan_row(e: &qm::PlanEntry) -> PlanRow {
         e.in_bytes,
         e.out_bytes,
         e.note.clone(),
+        e.requires_imatrix,
+        e.imatrix,
+        e.src_name.clone(),
     )
 }
 
@@ -381,45 +424,75 @@ fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -
     }
 }
 
-/// The per-tensor plan of a quantization (what --dry-run prints and a real run writes).
+/// The per-tensor plan of a quantization (what --dry-run prints and a real run writes) and the
+/// output metadata as (key, type name, value).
 #[pyfunction]
-#[pyo3(signature = (src, default_type, rules=vec![], token_embedding_type=None, output_tensor_type=None, allow_requantize=false))]
-fn quantize_plan(
-    py: Python<'_>,
+#[pyo3(signature = (src, preset, rules=vec![], token_embedding_type=None, output_tensor_type=None, allow_requantize=false,
+                    *, pure=false, leave_output_tensor=false, imatrix=None, include_weights=vec![], exclude_weights=vec![],
+                    prune_layers=vec![], keep_split=false))]
+#[allow(clippy::too_many_arguments)]
+fn quantize_plan<'py>(
+    py: Python<'py>,
     src: PathBuf,
-    default_type: &str,
+    preset: &str,
     rules: Vec<(String, String)>,
     token_embedding_type: Option<&str>,
     output_tensor_type: Option<&str>,
     allow_requantize: bool,
-) -> PyResult<Vec<PlanRow>> {
-    let p = parse_params(
-        default_type,
-        rules,
-        token_embedding_type,
-        output_tensor_type,
-        allow_requantize,
-        None,
-        None,
-    )?;
-    let entries = py
-        .detach(|| GgufModel::open(&src).and_then(|m| qm::plan(&m, &p)))
+    pure: bool,
+    leave_output_tensor: bool,
+    imatrix: Option<PathBuf>,
+    include_weights: Vec<String>,
+    exclude_weights: Vec<String>,
+    prune_layers: Vec<u32>,
+    keep_split: bool,
+) -> PyResult<(Vec<PlanRow>, Vec<(String, String, Bound<'py, PyAny>)>)> {
+    let extra = ExtraOptions {
+        pure,
+        leave_output_tensor,
+        imatrix,
+        include_weights,
+        exclude_weights,
+        prune_layers,
+        keep_split,
+    };
+    let plan = py
+        .detach(|| {
+            let p = parse_params(
+                preset,
+                rules,
+                token_embedding_type,
+                output_tensor_type,
+                allow_requantize,
+                None,
+                None,
+                extra,
+            )?;
+            GgufModel::open(&src).and_then(|m| qm::plan(&m, &p))
+        })
         .map_err(to_py)?;
-    Ok(entries.iter().map(plan_row).collect())
+    let meta = plan
+        .metadata
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), type_name(v), value_to_py(py, v)?)))
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok((plan.entries.iter().map(plan_row).collect(), meta))
 }
 
 /// Quantizes a model file. `progress(event)` is called with ("start", total_bytes, n_tensors) and
 /// then ("tensor", index, plan row) before each tensor; an exception in it (Ctrl-C) cancels the run
 /// and leaves no output. Returns (paths, n_tensors, n_elements, bytes, {type: count}).
 #[pyfunction]
-#[pyo3(signature = (src, dst, default_type, rules=vec![], token_embedding_type=None, output_tensor_type=None,
-                    allow_requantize=false, split_max_bytes=None, split_max_tensors=None, threads=None, progress=None))]
+#[pyo3(signature = (src, dst, preset, rules=vec![], token_embedding_type=None, output_tensor_type=None,
+                    allow_requantize=false, split_max_bytes=None, split_max_tensors=None, threads=None, progress=None,
+                    *, pure=false, leave_output_tensor=false, imatrix=None, include_weights=vec![], exclude_weights=vec![],
+                    prune_layers=vec![], keep_split=false))]
 #[allow(clippy::too_many_arguments)]
 fn quantize_model(
     py: Python<'_>,
     src: PathBuf,
     dst: PathBuf,
-    default_type: &str,
+    preset: &str,
     rules: Vec<(String, String)>,
     token_embedding_type: Option<&str>,
     output_tensor_type: Option<&str>,
@@ -428,16 +501,37 @@ fn quantize_model(
     split_max_tensors: Option<usize>,
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
+    pure: bool,
+    leave_output_tensor: bool,
+    imatrix: Option<PathBuf>,
+    include_weights: Vec<String>,
+    exclude_weights: Vec<String>,
+    prune_layers: Vec<u32>,
+    keep_split: bool,
 ) -> PyResult<SummaryRow> {
-    let p = parse_params(
-        default_type,
-        rules,
-        token_embedding_type,
-        output_tensor_type,
-        allow_requantize,
-        split_max_bytes,
-        split_max_tensors,
-    )?;
+    let extra = ExtraOptions {
+        pure,
+        leave_output_tensor,
+        imatrix,
+        include_weights,
+        exclude_weights,
+        prune_layers,
+        keep_split,
+    };
+    let p = py
+        .detach(|| {
+            parse_params(
+                preset,
+                rules,
+                token_embedding_type,
+                output_tensor_type,
+                allow_requantize,
+                split_max_bytes,
+                split_max_tensors,
+                extra,
+            )
+        })
+        .map_err(to_py)?;
     let mut callback_error: Option<PyErr> = None;
     let result = py.detach(|| {
         with_threads(threads, || {
@@ -478,6 +572,47 @@ fn quantize_model(
     ))
 }
 
+/// llama.cpp's quantization presets: (name, file type number, default tensor type, description),
+/// and the aliases as (alias, preset name).
+#[pyfunction]
+fn presets() -> (
+    Vec<(&'static str, u32, &'static str, &'static str)>,
+    Vec<(&'static str, &'static str)>,
+) {
+    (
+        pyqmoe_core::presets::PRESETS
+            .iter()
+            .map(|p| (p.name, p.file_type(), p.default_type.name(), p.description))
+            .collect(),
+        pyqmoe_core::presets::ALIASES.to_vec(),
+    )
+}
+
+/// Reads an importance matrix (legacy .dat or GGUF, chosen by content) after normalisation:
+/// (format, {tensor name: float32 values}, datasets, chunk count).
+#[pyfunction]
+fn load_imatrix<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+) -> PyResult<(
+    &'static str,
+    Vec<(String, Bound<'py, PyArray1<f32>>)>,
+    Vec<String>,
+    u32,
+)> {
+    let m = py.detach(|| Imatrix::load(&path)).map_err(to_py)?;
+    let format = match m.format {
+        ImatrixFormat::Legacy => "legacy",
+        ImatrixFormat::Gguf => "gguf",
+    };
+    let entries = m
+        .entries
+        .iter()
+        .map(|(k, v)| (k.clone(), PyArray1::from_slice(py, v)))
+        .collect();
+    Ok((format, entries, m.datasets.clone(), m.chunk_count))
+}
+
 /// Names of the value types, for writers on the Python side.
 #[pyfunction]
 fn value_type_names() -> Vec<&'static str> {
@@ -507,6 +642,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rewrite, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_plan, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_model, m)?)?;
+    m.add_function(wrap_pyfunction!(presets, m)?)?;
+    m.add_function(wrap_pyfunction!(load_imatrix, m)?)?;
     m.add_function(wrap_pyfunction!(value_type_names, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

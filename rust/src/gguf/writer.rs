@@ -287,6 +287,29 @@ impl SplitWriter {
                 current: 0,
             });
         }
+        Self::create_groups(path, metadata, tensors, groups)
+    }
+
+    /// Splits with a given number of tensors per file (e.g. like an input model's parts).
+    pub fn create_groups(
+        path: impl AsRef<Path>,
+        metadata: &[(String, Value)],
+        tensors: Vec<TensorSpec>,
+        groups: Vec<usize>,
+    ) -> Result<SplitWriter> {
+        let path = path.as_ref();
+        let base: Vec<(String, Value)> = metadata
+            .iter()
+            .filter(|(k, _)| !k.starts_with("split."))
+            .cloned()
+            .collect();
+        if groups.iter().sum::<usize>() != tensors.len() {
+            return Err(Error::Invalid(format!(
+                "split groups hold {} tensors, not {}",
+                groups.iter().sum::<usize>(),
+                tensors.len()
+            )));
+        }
         let count = groups.len();
         let total = tensors.len();
         if count > u16::MAX as usize {

@@ -1,0 +1,130 @@
+"""Synthetic models with realistic tensor names and shapes for checking quantization presets.
+
+Random weights (numpy PCG64, fixed seed): the presets choose types from names, shapes and
+hyper-parameters only, so the values do not matter; they are random so that benchmarks time real
+work. The models have no tokenizer (llama.cpp's quantizer does not need one).
+
+* ``moe8``   qwen3moe, 8 layers, hidden 256, 4 query / 1 KV heads of 48 (GQA 4: attn_output rows
+             of 192 are not whole 256-blocks), 8 experts of 256, untied output.
+* ``moe16``  qwen3moe, 12 layers, hidden 256, 8 / 4 heads of 32 (GQA 2), 16 experts of 96
+             (ffn_down rows of 96 fall back), tied embeddings (no output.weight).
+* ``dense``  qwen3 (no experts: the layer schedules use llama.cpp's counters), 16 layers,
+             hidden 256, 4 / 4 heads of 64, FFN 512.
+
+Usage: python tests/data/make_preset_model.py NAME OUT.gguf [--dtype f32|f16|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import gguf
+import numpy as np
+
+CONFIGS = {
+    "moe8": dict(
+        arch="qwen3moe", n_layer=8, hidden=256, n_head=4, n_head_kv=1, head_dim=48, n_expert=8, n_ff=256, vocab=320
+    ),
+    "moe16": dict(
+        arch="qwen3moe",
+        n_layer=12,
+        hidden=256,
+        n_head=8,
+        n_head_kv=4,
+        head_dim=32,
+        n_expert=16,
+        n_ff=96,
+        vocab=320,
+        tied=True,
+    ),
+    "dense": dict(
+        arch="qwen3", n_layer=16, hidden=256, n_head=4, n_head_kv=4, head_dim=64, n_expert=0, n_ff=512, vocab=320
+    ),
+}
+
+
+def _to_dtype(a: np.ndarray, dtype: str):
+    """(array, raw_dtype) for GGUFWriter.add_tensor."""
+    if dtype == "f32":
+        return a.astype(np.float32), None
+    if dtype == "f16":
+        return a.astype(np.float16), None
+    bits = a.astype(np.float32).view(np.uint32)
+    bf16 = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+    return bf16, gguf.GGMLQuantizationType.BF16
+
+
+def write_model(path, name: str, dtype: str = "f16", seed: int = 1234) -> None:
+    c = dict(CONFIGS[name])
+    arch, L, h = c["arch"], c["n_layer"], c["hidden"]
+    nh, nkv, hd, ne, ff, vocab = c["n_head"], c["n_head_kv"], c["head_dim"], c["n_expert"], c["n_ff"], c["vocab"]
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(f"pyqmoe-preset-{name}")
+    w.add_block_count(L)
+    w.add_context_length(4096)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(ff if ne == 0 else 4 * h)
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-6)
+    if ne:
+        w.add_expert_count(ne)
+        w.add_expert_used_count(2)
+        w.add_expert_feed_forward_length(ff)
+    w.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])
+
+    def mat(*shape, scale=0.02):
+        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
+
+    def add(tname, a, keep_f32=False):
+        if keep_f32:
+            w.add_tensor(tname, a.astype(np.float32))
+        else:
+            arr, raw = _to_dtype(a, dtype)
+            if raw is None:
+                w.add_tensor(tname, arr)
+            else:
+                w.add_tensor(tname, arr, raw_shape=a.shape, raw_dtype=raw)
+
+    # numpy shapes are (rows, row length): ggml ne = reversed.
+    add("token_embd.weight", mat(vocab, h))
+    add("output_norm.weight", 1 + mat(h, scale=0.1), keep_f32=True)
+    if not c.get("tied"):
+        add("output.weight", mat(vocab, h))
+    for i in range(L):
+        b = f"blk.{i}."
+        add(b + "attn_norm.weight", 1 + mat(h, scale=0.1), keep_f32=True)
+        add(b + "attn_q.weight", mat(nh * hd, h))
+        add(b + "attn_k.weight", mat(nkv * hd, h))
+        add(b + "attn_v.weight", mat(nkv * hd, h))
+        add(b + "attn_output.weight", mat(h, nh * hd))
+        add(b + "attn_q_norm.weight", 1 + mat(hd, scale=0.1), keep_f32=True)
+        add(b + "attn_k_norm.weight", 1 + mat(hd, scale=0.1), keep_f32=True)
+        add(b + "ffn_norm.weight", 1 + mat(h, scale=0.1), keep_f32=True)
+        if ne:
+            add(b + "ffn_gate_inp.weight", mat(ne, h), keep_f32=True)
+            add(b + "ffn_gate_exps.weight", mat(ne, ff, h))
+            add(b + "ffn_up_exps.weight", mat(ne, ff, h))
+            add(b + "ffn_down_exps.weight", mat(ne, h, ff))
+        else:
+            add(b + "ffn_gate.weight", mat(ff, h))
+            add(b + "ffn_up.weight", mat(ff, h))
+            add(b + "ffn_down.weight", mat(h, ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", choices=sorted(CONFIGS))
+    ap.add_argument("out")
+    ap.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f16")
+    a = ap.parse_args()
+    write_model(a.out, a.name, a.dtype)

@@ -1,0 +1,90 @@
+"""pyqmoe's preset mixtures pick the same type as llama.cpp for every tensor of every preset.
+
+The expected types were recorded from llama.cpp itself by scripts/make_llamacpp_preset_types.py
+(tests/data/llamacpp_preset_types.json) on the synthetic models of tests/data/make_preset_model.py
+and the tiny fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyqmoe import _core
+
+DATA = Path(__file__).parent / "data"
+sys.path.insert(0, str(DATA))
+from make_preset_model import write_model  # noqa: E402
+
+REF = json.loads((DATA / "llamacpp_preset_types.json").read_text())
+
+
+def write_legacy_imatrix(path, entries: dict, last_call: int | None = None, dataset: str | None = None):
+    """llama.cpp's legacy imatrix layout; entries: {name: (ncall, values)}."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", len(entries)))
+        for name, (ncall, values) in entries.items():
+            b = name.encode()
+            f.write(struct.pack("<i", len(b)) + b + struct.pack("<ii", ncall, len(values)))
+            f.write(struct.pack(f"<{len(values)}f", *values))
+        if last_call is not None:
+            d = (dataset or "").encode()
+            f.write(struct.pack("<ii", last_call, len(d)) + d)
+
+
+@pytest.fixture(scope="session")
+def preset_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("preset-models")
+    paths = {}
+    for name in REF["models"]:
+        if name == "tiny":
+            paths[name] = DATA / "tiny-qwen3moe-f32.gguf"
+        else:
+            paths[name] = d / f"{name}.gguf"
+            write_model(paths[name], name)
+    imatrix = d / "dummy-imatrix.dat"
+    # An entry for no tensor: only makes llama.cpp's "has an imatrix" true, as in the recording.
+    write_legacy_imatrix(imatrix, {"dummy": (1, [1.0, 1.0, 1.0, 1.0])})
+    return paths, imatrix
+
+
+CASES = [(m, c) for m, v in REF["models"].items() for c in v["cases"]]
+
+
+@pytest.mark.parametrize("model, case", CASES, ids=[f"{m}-{c['id']}" for m, c in CASES])
+def test_plan_types_equal_llama_cpp(preset_models, model, case):
+    paths, imatrix = preset_models
+    if not paths[model].is_file():
+        pytest.skip(f"{paths[model]} is not here")
+    rules = [(f"{pat}={ty}", "--tensor-type") for pat, ty in case.get("tensor_types", [])]
+    assert "error" not in case, case
+    rows, _meta = _core.quantize_plan(
+        str(paths[model]),
+        case["preset"],
+        rules,
+        case.get("token_embedding_type"),
+        case.get("output_tensor_type"),
+        False,
+        pure=case.get("pure", False),
+        leave_output_tensor=case.get("leave_output", False),
+        imatrix=str(imatrix) if case["imatrix"] else None,
+        prune_layers=case.get("prune", []),
+    )
+    got = {r[0]: r[3] for r in rows}
+    names = case.get("names", REF["models"][model]["names"])
+    want = dict(zip(names, case["types"].split()))
+    assert sorted(got) == sorted(want)
+    diff = {n: (got[n], want[n]) for n in want if got[n] != want[n]}
+    assert not diff, f"pyqmoe vs llama.cpp: {diff}"
+
+
+def test_file_type_and_block_count_metadata(preset_models):
+    paths, _ = preset_models
+    _rows, meta = _core.quantize_plan(str(paths["moe16"]), "q4_k", prune_layers=[3, 7, 11])
+    m = {k: v for k, _t, v in meta}
+    assert m["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert m["qwen3moe.block_count"] == 9
