@@ -8,32 +8,19 @@ and the tiny fixture.
 from __future__ import annotations
 
 import json
-import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pyqmoe import _core
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
-from make_preset_model import write_model  # noqa: E402
+from make_preset_model import write_legacy_imatrix, write_model  # noqa: E402
 
 REF = json.loads((DATA / "llamacpp_preset_types.json").read_text())
-
-
-def write_legacy_imatrix(path, entries: dict, last_call: int | None = None, dataset: str | None = None):
-    """llama.cpp's legacy imatrix layout; entries: {name: (ncall, values)}."""
-    with open(path, "wb") as f:
-        f.write(struct.pack("<i", len(entries)))
-        for name, (ncall, values) in entries.items():
-            b = name.encode()
-            f.write(struct.pack("<i", len(b)) + b + struct.pack("<ii", ncall, len(values)))
-            f.write(struct.pack(f"<{len(values)}f", *values))
-        if last_call is not None:
-            d = (dataset or "").encode()
-            f.write(struct.pack("<ii", last_call, len(d)) + d)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +35,7 @@ def preset_models(tmp_path_factory):
             write_model(paths[name], name)
     imatrix = d / "dummy-imatrix.dat"
     # An entry for no tensor: only makes llama.cpp's "has an imatrix" true, as in the recording.
-    write_legacy_imatrix(imatrix, {"dummy": (1, [1.0, 1.0, 1.0, 1.0])})
+    write_legacy_imatrix(imatrix, {"dummy": (1, np.ones(4, np.float32))})
     return paths, imatrix
 
 

@@ -121,6 +121,53 @@ def write_model(path, name: str, dtype: str = "f16", seed: int = 1234) -> None:
     w.close()
 
 
+def imatrix_entries(model_path, seed: int = 7) -> dict[str, tuple[int, np.ndarray]]:
+    """Random positive importance sums for every 2-D+ weight of a model, as llama-imatrix would
+    collect them: {name: (n_calls, sums of n_per_row x n_expert values)}."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in gguf.GGUFReader(str(model_path)).tensors:
+        dims = [int(d) for d in t.shape]
+        if len(dims) < 2 or not t.name.endswith(".weight") or "norm" in t.name:
+            continue
+        n = dims[0] * (dims[2] if len(dims) > 2 else 1)
+        out[t.name] = (10, (rng.random(n, dtype=np.float32) * 10 + 0.01).astype(np.float32))
+    return out
+
+
+def write_legacy_imatrix(path, entries, last_call=None, dataset=None) -> None:
+    """llama.cpp's legacy imatrix layout; entries: {name: (ncall, sums)}."""
+    import struct
+
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", len(entries)))
+        for name, (ncall, values) in entries.items():
+            b = name.encode()
+            v = np.asarray(values, dtype="<f4")
+            f.write(struct.pack("<i", len(b)) + b + struct.pack("<ii", ncall, v.size) + v.tobytes())
+        if last_call is not None:
+            d = (dataset or "").encode()
+            f.write(struct.pack("<ii", last_call, len(d)) + d)
+
+
+def write_gguf_imatrix(path, entries, chunk_count=10, chunk_size=512, datasets=("synthetic",)) -> None:
+    """llama.cpp's GGUF imatrix layout; entries: {name: (sums [n_mat, n], counts [n_mat])}."""
+    w = gguf.GGUFWriter(str(path), arch="imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", list(datasets))
+    w.add_uint32("imatrix.chunk_count", chunk_count)
+    w.add_uint32("imatrix.chunk_size", chunk_size)
+    for name, (sums, counts) in entries.items():
+        sums = np.asarray(sums, dtype=np.float32)
+        sums = sums.reshape(len(counts), -1)
+        w.add_tensor(name + ".in_sum2", sums)
+        w.add_tensor(name + ".counts", np.asarray(counts, dtype=np.float32).reshape(-1, 1))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", choices=sorted(CONFIGS))
