@@ -111,7 +111,9 @@ def _print_plan(plan):
             missing.append(f"{src_name} ({dst_t})")
         if src_name != name:
             tags.append(f"from {src_name}")
-        click.echo(f"{name:<{nw}}  {shape:<18} {action} {out_b / 2**20:10.3f} MiB" + (f"  [{'; '.join(tags)}]" if tags else ""))
+        click.echo(
+            f"{name:<{nw}}  {shape:<18} {action} {out_b / 2**20:10.3f} MiB" + (f"  [{'; '.join(tags)}]" if tags else "")
+        )
         total_out += out_b
         n = 1
         for d in dims:
@@ -124,7 +126,8 @@ def _print_plan(plan):
         click.echo(f"  {ty}: {n} tensors")
     if missing:
         click.echo(
-            f"warning: a real run needs importance data (--imatrix) for {len(missing)} tensor(s): " + ", ".join(missing),
+            f"warning: a real run needs importance data (--imatrix) for {len(missing)} tensor(s): "
+            + ", ".join(missing),
             err=True,
         )
 
@@ -154,7 +157,9 @@ def _print_plan(plan):
 @click.option("--exclude-weights", multiple=True, metavar="NAME", help="Do not use importance data for these tensors.")
 @click.option("--pure", is_flag=True, help="No preset mixture: every quantized tensor gets the preset's default type.")
 @click.option("--leave-output-tensor", is_flag=True, help="Copy output.weight as it is.")
-@click.option("--prune-layers", callback=_parse_layers, metavar="L0,L1,...", help="Drop these blocks, renumber the rest.")
+@click.option(
+    "--prune-layers", callback=_parse_layers, metavar="L0,L1,...", help="Drop these blocks, renumber the rest."
+)
 @click.option("--allow-requantize", is_flag=True, help="Accept already-quantized inputs.")
 @click.option("--keep-split", is_flag=True, help="Split the output like the (split) input.")
 @click.option(

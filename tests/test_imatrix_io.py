@@ -143,7 +143,10 @@ def test_both_formats_reach_the_quantizer_per_expert(small_moe, tmp_path):
     write_legacy_imatrix(dat, {k: (64, v * 64) for k, v in values.items()})
     write_gguf_imatrix(
         gg,
-        {k: (v.reshape(-1, tensors[k].shape[-1]) * 32, np.full(v.size // tensors[k].shape[-1], 32.0)) for k, v in values.items()},
+        {
+            k: (v.reshape(-1, tensors[k].shape[-1]) * 32, np.full(v.size // tensors[k].shape[-1], 32.0))
+            for k, v in values.items()
+        },
     )
     outs = {}
     for im in (dat, gg):
@@ -174,7 +177,9 @@ def test_exclude_weights_quantizes_those_tensors_without_importance(small_moe, t
     run("quantize", "--pure", "--imatrix", dat, "--exclude-weights", "attn_q", path, out, "Q4_K")
     f = pyqmoe.GGUFFile(out)
     a = tensors["blk.0.attn_q.weight"]
-    assert np.array_equal(np.asarray(f.tensor_bytes("blk.0.attn_q.weight")).reshape(-1), pyqmoe.quantize(a, "Q4_K").reshape(-1))
+    assert np.array_equal(
+        np.asarray(f.tensor_bytes("blk.0.attn_q.weight")).reshape(-1), pyqmoe.quantize(a, "Q4_K").reshape(-1)
+    )
     g = tensors["blk.0.ffn_gate_exps.weight"]
     want = pyqmoe.quantize(g, "Q4_K", imatrix=values["blk.0.ffn_gate_exps.weight"])
     assert np.array_equal(np.asarray(f.tensor_bytes("blk.0.ffn_gate_exps.weight")).reshape(-1), want.reshape(-1))
@@ -184,7 +189,9 @@ def test_exclude_weights_quantizes_those_tensors_without_importance(small_moe, t
         "blk.0.ffn_gate_exps.weight": False,
         "blk.0.ffn_down_exps.weight": True,
     }
-    p = run("quantize", "--imatrix", dat, "--include-weights", "a", "--exclude-weights", "b", path, out, "Q4_K", check=False)
+    p = run(
+        "quantize", "--imatrix", dat, "--include-weights", "a", "--exclude-weights", "b", path, out, "Q4_K", check=False
+    )
     assert p.returncode != 0 and "cannot be used together" in p.stderr
 
 

@@ -73,7 +73,12 @@ impl<'a> Cursor<'a> {
         let at = self.pos;
         let n = self.i32(field)?;
         if n < min {
-            return Err(bad(self.path, at, field, format!("is {n}, must be at least {min}")));
+            return Err(bad(
+                self.path,
+                at,
+                field,
+                format!("is {n}, must be at least {min}"),
+            ));
         }
         Ok(n as usize)
     }
@@ -89,7 +94,12 @@ impl Imatrix {
             let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
             let n = f.read(&mut head).map_err(|e| Error::io(path, e))?;
             if n < 4 {
-                return Err(bad(path, n, "header", "too short to be an importance matrix"));
+                return Err(bad(
+                    path,
+                    n,
+                    "header",
+                    "too short to be an importance matrix",
+                ));
             }
         }
         if head == GGUF_MAGIC {
@@ -108,8 +118,8 @@ impl Imatrix {
         for i in 0..n_entries {
             let field = format!("entry {i}");
             let name_len = c.len(&format!("{field} name length"), 0)?;
-            let name = String::from_utf8_lossy(c.take(name_len, &format!("{field} name"))?)
-                .into_owned();
+            let name =
+                String::from_utf8_lossy(c.take(name_len, &format!("{field} name"))?).into_owned();
             let field = format!("entry {i} ('{name}')");
             let ncall = c.i32(&format!("{field} ncall"))?;
             let nval = c.len(&format!("{field} nval"), 1)?;
@@ -146,7 +156,11 @@ impl Imatrix {
     /// Reads the GGUF format from an opened file.
     pub fn from_gguf(model: &GgufModel) -> Result<Imatrix> {
         let path = model.files[0].path.clone();
-        for key in ["imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"] {
+        for key in [
+            "imatrix.datasets",
+            "imatrix.chunk_count",
+            "imatrix.chunk_size",
+        ] {
             if model.get(key).is_none() {
                 return Err(bad(
                     &path,
@@ -176,7 +190,12 @@ impl Imatrix {
             }
         }
         if pairs.is_empty() {
-            return Err(bad(&path, 0, "tensors", "no NAME.in_sum2 / NAME.counts tensors"));
+            return Err(bad(
+                &path,
+                0,
+                "tensors",
+                "no NAME.in_sum2 / NAME.counts tensors",
+            ));
         }
         let f32s = |name: &str| -> Result<Vec<f32>> {
             let t = model.tensor(name).unwrap();
@@ -292,7 +311,10 @@ mod tests {
         let m = Imatrix::parse_legacy(&b, Path::new("m.dat")).unwrap();
         assert_eq!(m.get("blk.0.attn_q.weight"), Some(&[1.0f32, 2.0][..]));
         assert_eq!(m.get("x"), Some(&[3.0f32][..]));
-        assert_eq!((m.chunk_count, m.datasets.clone()), (10, vec!["wiki.txt".to_string()]));
+        assert_eq!(
+            (m.chunk_count, m.datasets.clone()),
+            (10, vec!["wiki.txt".to_string()])
+        );
     }
 
     #[test]
@@ -301,7 +323,10 @@ mod tests {
         let e = Imatrix::parse_legacy(&b[..b.len() - 2], Path::new("m.dat"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("blk.0.attn_q.weight") && e.contains("values"), "{e}");
+        assert!(
+            e.contains("blk.0.attn_q.weight") && e.contains("values"),
+            "{e}"
+        );
         let e = Imatrix::parse_legacy(&0i32.to_le_bytes(), Path::new("m.dat"))
             .unwrap_err()
             .to_string();
@@ -310,10 +335,19 @@ mod tests {
 
     #[test]
     fn include_and_exclude_filter_by_substring() {
-        let b = legacy_bytes(&[("blk.0.attn_q.weight", 1, &[1.0]), ("blk.0.ffn_up.weight", 1, &[1.0])], None);
+        let b = legacy_bytes(
+            &[
+                ("blk.0.attn_q.weight", 1, &[1.0]),
+                ("blk.0.ffn_up.weight", 1, &[1.0]),
+            ],
+            None,
+        );
         let mut m = Imatrix::parse_legacy(&b, Path::new("m.dat")).unwrap();
         m.filter(&[], &["attn".into()]).unwrap();
-        assert_eq!(m.entries.keys().collect::<Vec<_>>(), ["blk.0.ffn_up.weight"]);
+        assert_eq!(
+            m.entries.keys().collect::<Vec<_>>(),
+            ["blk.0.ffn_up.weight"]
+        );
         assert!(m.filter(&["a".into()], &["b".into()]).is_err());
     }
 }

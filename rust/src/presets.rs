@@ -179,11 +179,7 @@ impl ModelInfo {
 
     /// Query heads per KV head (0 when there are no KV heads), as llama.cpp's `n_gqa()`.
     pub fn n_gqa(&self) -> u32 {
-        if self.n_head_kv == 0 {
-            0
-        } else {
-            self.n_head / self.n_head_kv
-        }
+        self.n_head.checked_div(self.n_head_kv).unwrap_or(0)
     }
 }
 
@@ -511,15 +507,15 @@ impl<'a> Mixture<'a> {
                 } else {
                     T::IQ3_XXS
                 };
-            } else if matches!(ft, F::IQ3_XS | F::IQ3_S) && n_gqa >= 4 {
-                new_type = T::Q4_K;
-            } else if ft == F::IQ3_M {
+            } else if (matches!(ft, F::IQ3_XS | F::IQ3_S) && n_gqa >= 4) || ft == F::IQ3_M {
                 new_type = T::Q4_K;
             } else if ft == F::Q3_K_M {
-                new_type = if self.i_attention_wv < 2 { T::Q5_K } else { T::Q4_K };
-            } else if ft == F::Q3_K_L {
-                new_type = T::Q5_K;
-            } else if matches!(ft, F::IQ4_NL | F::IQ4_XS) && n_gqa >= 4 {
+                new_type = if self.i_attention_wv < 2 {
+                    T::Q5_K
+                } else {
+                    T::Q4_K
+                };
+            } else if ft == F::Q3_K_L || (matches!(ft, F::IQ4_NL | F::IQ4_XS) && n_gqa >= 4) {
                 new_type = T::Q5_K;
             } else if matches!(ft, F::Q4_K_M | F::Q5_K_M)
                 && use_more_bits(self.i_attention_wv, self.n_attention_wv)
@@ -559,7 +555,11 @@ impl<'a> Mixture<'a> {
                     new_type = T::Q4_K;
                 }
             } else if ft == F::IQ3_XXS && !self.has_imatrix {
-                new_type = if i_layer < n_layer / 8 { T::Q4_K } else { T::Q3_K };
+                new_type = if i_layer < n_layer / 8 {
+                    T::Q4_K
+                } else {
+                    T::Q3_K
+                };
             } else if ft == F::Q3_K_M {
                 new_type = if i_layer < n_layer / 16 {
                     T::Q5_K
@@ -595,8 +595,7 @@ impl<'a> Mixture<'a> {
                 new_type = T::Q6_K;
             } else if ft == F::Q4_K_S && !arch_falcon && i_layer < n_layer / 8 {
                 new_type = T::Q5_K;
-            } else if matches!(ft, F::Q4_0 | F::Q5_0) && self.has_imatrix && i_layer < n_layer / 8
-            {
+            } else if matches!(ft, F::Q4_0 | F::Q5_0) && self.has_imatrix && i_layer < n_layer / 8 {
                 // Guards the first ffn_down layers, which go wrong even with an imatrix.
                 new_type = if ft == F::Q4_0 { T::Q4_1 } else { T::Q5_1 };
             }
@@ -665,8 +664,14 @@ mod tests {
     #[test]
     fn presets_parse_by_name_alias_and_number() {
         assert_eq!(Preset::parse("q4_k").unwrap().name, "Q4_K_M");
-        assert_eq!(Preset::parse("Q4_K_M").unwrap().default_type, GgmlType::Q4_K);
-        assert_eq!(Preset::parse("iq2_s").unwrap().default_type, GgmlType::IQ2_XS);
+        assert_eq!(
+            Preset::parse("Q4_K_M").unwrap().default_type,
+            GgmlType::Q4_K
+        );
+        assert_eq!(
+            Preset::parse("iq2_s").unwrap().default_type,
+            GgmlType::IQ2_XS
+        );
         assert_eq!(Preset::parse("15").unwrap().name, "Q4_K_M");
         assert_eq!(Preset::parse("f32").unwrap().file_type(), 0);
         let e = Preset::parse("Q4_K_XXL").unwrap_err().to_string();
@@ -675,11 +680,23 @@ mod tests {
 
     #[test]
     fn llama_order_sorts_by_layer_then_name() {
-        let names = ["blk.10.a", "output.weight", "blk.2.b", "blk.2.a", "token_embd.weight"];
+        let names = [
+            "blk.10.a",
+            "output.weight",
+            "blk.2.b",
+            "blk.2.a",
+            "token_embd.weight",
+        ];
         let order: Vec<&str> = llama_order(names).into_iter().map(|i| names[i]).collect();
         assert_eq!(
             order,
-            ["output.weight", "token_embd.weight", "blk.2.a", "blk.2.b", "blk.10.a"]
+            [
+                "output.weight",
+                "token_embd.weight",
+                "blk.2.a",
+                "blk.2.b",
+                "blk.10.a"
+            ]
         );
         assert_eq!(layer_of("blk.12.attn_q.weight"), Some(12));
         assert_eq!(layer_of("blk.x.attn_q.weight"), None);
@@ -708,18 +725,33 @@ mod tests {
             is_70b: false,
         };
         let names: Vec<String> = (0..16)
-            .flat_map(|l| [format!("blk.{l}.attn_v.weight"), format!("blk.{l}.ffn_down_exps.weight")])
+            .flat_map(|l| {
+                [
+                    format!("blk.{l}.attn_v.weight"),
+                    format!("blk.{l}.ffn_down_exps.weight"),
+                ]
+            })
             .collect();
-        let mut m = Mixture::new(&info, Ftype::Q4_K_M, false, names.iter().map(|s| s.as_str()));
+        let mut m = Mixture::new(
+            &info,
+            Ftype::Q4_K_M,
+            false,
+            names.iter().map(|s| s.as_str()),
+        );
         assert_eq!(
-            m.tensor_type("blk.0.attn_v.weight", 512, GgmlType::Q4_K).unwrap(),
+            m.tensor_type("blk.0.attn_v.weight", 512, GgmlType::Q4_K)
+                .unwrap(),
             GgmlType::Q8_0
         );
         // use_more_bits(l, 16): l < 2, l >= 14, or (l - 2) % 3 == 2.
         let down: Vec<GgmlType> = (0..16)
             .map(|l| {
-                m.tensor_type(&format!("blk.{l}.ffn_down_exps.weight"), 512, GgmlType::Q4_K)
-                    .unwrap()
+                m.tensor_type(
+                    &format!("blk.{l}.ffn_down_exps.weight"),
+                    512,
+                    GgmlType::Q4_K,
+                )
+                .unwrap()
             })
             .collect();
         let q6: Vec<usize> = (0..16).filter(|&l| down[l] == GgmlType::Q6_K).collect();

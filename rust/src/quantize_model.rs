@@ -616,6 +616,9 @@ mod prune_tests {
             Some("blk.8.ffn_down_exps.weight")
         );
         assert_eq!(rename_layer("blk.7.attn_q.weight", &map), None);
-        assert_eq!(rename_layer("output.weight", &map).as_deref(), Some("output.weight"));
+        assert_eq!(
+            rename_layer("output.weight", &map).as_deref(),
+            Some("output.weight")
+        );
     }
 }
