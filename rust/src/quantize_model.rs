@@ -550,6 +550,7 @@ pub fn quantize_model(
         } else {
             writer.write_tensor(data)?;
         }
+        model.release_tensor(&e.src_name);
         summary.n_tensors += 1;
         summary.n_elements += e.dims.iter().product::<u64>();
         summary.bytes += e.out_bytes;

@@ -421,6 +421,28 @@ impl GgufFile {
         &self.mmap[start..start + t.nbytes as usize]
     }
 
+    /// Drops a tensor's pages from this process's resident set once it has been used (as
+    /// llama.cpp unmaps each weight after quantizing it), so a streaming pass over a large model
+    /// does not keep the whole file resident. The data stays readable: it is faulted in again
+    /// from the file on the next access. Best effort: errors are ignored.
+    pub fn release(&self, t: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            let start = (self.header.data_offset + t.offset) as usize;
+            // SAFETY: the map is a read-only shared file mapping, so MADV_DONTNEED discards no
+            // data: later reads see the file's bytes again.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    t.nbytes as usize,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = t;
+    }
+
     /// Absolute file offset of a tensor's data.
     pub fn tensor_file_offset(&self, t: &TensorInfo) -> u64 {
         self.header.data_offset + t.offset

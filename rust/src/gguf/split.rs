@@ -148,6 +148,14 @@ impl GgufModel {
         Some(self.files[*f].tensor_data(t))
     }
 
+    /// Drops a tensor's pages from the resident set after use (see `GgufFile::release`).
+    pub fn release_tensor(&self, name: &str) {
+        if let Some(&i) = self.index.get(name) {
+            let (f, t) = &self.tensors[i];
+            self.files[*f].release(t);
+        }
+    }
+
     pub fn is_split(&self) -> bool {
         self.files.len() > 1
     }
