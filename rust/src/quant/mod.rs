@@ -5,6 +5,8 @@
 //! row kernel over rows in parallel with rayon. Rows are independent, so the bytes never depend on
 //! the thread count.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -194,13 +196,19 @@ pub fn quantize_into(
         Some(w) => check_imatrix(tensor, w, n_per_row, n_rows)?,
         None => n_rows,
     };
-    check_finite(tensor, src, n_per_row)?;
     let step = rows_per_task(n_per_row, n_rows);
     let quantize_row = k.quantize_row;
+    let saw_non_finite = AtomicBool::new(false);
     dst.par_chunks_mut(row_bytes * step)
         .zip(src.par_chunks(n_per_row * step))
         .enumerate()
         .for_each(|(task, (out, inp))| {
+            // Checked per task, while the rows are in cache, rather than in a pass of its own over
+            // the tensor (which cost as much as the fast kernels); kernels never see NaN/Inf.
+            if !all_finite(inp) {
+                saw_non_finite.store(true, Ordering::Relaxed);
+                return;
+            }
             for (j, (o, x)) in out.chunks_mut(row_bytes).zip(inp.chunks(n_per_row)).enumerate() {
                 let row = task * step + j;
                 let w = imatrix.map(|w| {
@@ -210,7 +218,16 @@ pub fn quantize_into(
                 quantize_row(x, o, w);
             }
         });
+    if saw_non_finite.load(Ordering::Relaxed) {
+        // Error path only: find the first bad element for the message.
+        check_finite(tensor, src, n_per_row)?;
+    }
     Ok(())
+}
+
+/// True when no element is NaN or ±Inf (exponent bits all ones); branch-free so it vectorises.
+fn all_finite(xs: &[f32]) -> bool {
+    xs.chunks(256).all(|c| c.iter().fold(0u32, |acc, v| acc | ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32) == 0)
 }
 
 /// Quantize `src` (rows of `n_per_row`) to `ty`, returning the packed bytes.
