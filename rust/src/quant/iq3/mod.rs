@@ -94,32 +94,36 @@ impl Iq3Grid {
         }
         let mut neighbours = vec![];
         let mut dist2: Vec<(i32, usize)> = Vec::with_capacity(points.len());
+        // Coordinates in separate columns so the distance loop vectorises.
+        let cols: [Vec<i32>; 4] = std::array::from_fn(|k| points.iter().map(|p| p[k] as i32).collect());
+        let mut d2_all = vec![0i32; points.len()];
         for (u, entry) in map.iter_mut().enumerate() {
             if *entry >= 0 {
                 continue;
             }
-            let pos: [i32; 4] = std::array::from_fn(|k| 2 * ((u >> (3 * k)) & 7) as i32 + 1);
-            let d2_of = |p: &[i8; 4]| -> i32 { (0..4).map(|k| (p[k] as i32 - pos[k]).pow(2)).sum() };
+            d2_all.fill(0);
+            for (k, col) in cols.iter().enumerate() {
+                let pos = 2 * ((u >> (3 * k)) & 7) as i32 + 1;
+                for (d, c) in d2_all.iter_mut().zip(col) {
+                    *d += (c - pos) * (c - pos);
+                }
+            }
             // Only the points within the nwant smallest distinct distances matter: find that
             // cut-off first, then sort just those by (distance, index) as ggml's qsort orders them.
             let mut smallest = [i32::MAX; 3];
-            for p in &points {
-                let d = d2_of(p);
-                if let Some(pos) = smallest[..nwant].iter().position(|s| d <= *s) {
-                    if smallest[pos] != d {
-                        smallest[pos..nwant].rotate_right(1);
-                        smallest[pos] = d;
+            for &d in &d2_all {
+                if d <= smallest[nwant - 1] {
+                    if let Some(pos) = smallest[..nwant].iter().position(|s| d <= *s) {
+                        if smallest[pos] != d {
+                            smallest[pos..nwant].rotate_right(1);
+                            smallest[pos] = d;
+                        }
                     }
                 }
             }
             let cut = smallest[nwant - 1];
             dist2.clear();
-            for (j, p) in points.iter().enumerate() {
-                let d = d2_of(p);
-                if d <= cut {
-                    dist2.push((d, j));
-                }
-            }
+            dist2.extend(d2_all.iter().enumerate().filter(|(_, d)| **d <= cut).map(|(j, d)| (*d, j)));
             dist2.sort_unstable();
             *entry = -(neighbours.len() as i32 + 1);
             let start = neighbours.len();
