@@ -420,6 +420,26 @@ mod tests {
     }
 
     #[test]
+    fn huge_values_do_not_panic() {
+        // ggml aborts on these (every neighbour distance overflows); we keep the first neighbour.
+        use crate::quant::BlockQuant;
+        for scale in [1e15f32, 1e30, 3e38] {
+            let x: Vec<f32> = crate::quant::testdata::gaussian(4, 256).iter().map(|v| v * scale).collect();
+            let w = crate::quant::testdata::importance(5, 256);
+            for imatrix in [None, Some(&w[..])] {
+                let (mut a, mut b) = (vec![0u8; 110], vec![0u8; 110]);
+                iq3_s::Iq3S::quantize_row_ref(&x, &mut a, imatrix);
+                iq3_s::Iq3S::quantize_row(&x, &mut b, imatrix);
+                assert_eq!(a, b);
+                let (mut a, mut b) = (vec![0u8; 98], vec![0u8; 98]);
+                iq3_xxs::Iq3Xxs::quantize_row_ref(&x, &mut a, imatrix);
+                iq3_xxs::Iq3Xxs::quantize_row(&x, &mut b, imatrix);
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
     fn ksigns_have_even_parity() {
         for (i, s) in super::super::iq_tables::KSIGNS_IQ2XS.iter().enumerate() {
             assert_eq!(*s as usize & 127, i);
