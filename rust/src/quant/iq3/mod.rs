@@ -39,7 +39,7 @@ pub(crate) struct Iq3Grid {
     pub lanes: NeighbourLanes,
 }
 
-/// Neighbour lists in structure-of-arrays form, each padded to a multiple of 8 entries.
+/// Neighbour lists in structure-of-arrays form, each padded to a multiple of 8 entries (NaN levels).
 pub(crate) struct NeighbourLanes {
     /// `level[i][at + j]`: element i of neighbour j, as f32 (the odd level 2l + 1).
     pub level: [Vec<f32>; 4],
@@ -67,11 +67,12 @@ impl NeighbourLanes {
             nl.at[u] = nl.index.len() as u32;
             nl.len[u] = list.len() as u16;
             let padded = list.len().next_multiple_of(8);
+            // Padding repeats the first index with NaN levels, whose distance never wins.
             for j in 0..padded {
-                let gi = list.get(j).copied().unwrap_or(list[0]);
-                nl.index.push(gi);
+                let gi = list.get(j).copied();
+                nl.index.push(gi.unwrap_or(list[0]));
                 for (i, lv) in nl.level.iter_mut().enumerate() {
-                    lv.push(points[gi as usize][i] as f32);
+                    lv.push(gi.map_or(f32::NAN, |g| points[g as usize][i] as f32));
                 }
             }
         }
