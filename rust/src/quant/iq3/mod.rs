@@ -8,20 +8,13 @@
 use std::sync::OnceLock;
 
 use super::iq_tables::{IQ3S_GRID, IQ3XXS_GRID};
+use super::util::nearest_int;
 
 pub mod iq3_s;
 pub mod iq3_xxs;
 
 pub use iq3_s::IQ3_S_KERNELS;
 pub use iq3_xxs::IQ3_XXS_KERNELS;
-
-/// ggml's `nearest_int`: round half to even through the 1.5·2^23 trick, bit for bit (including
-/// what it returns for NaN and infinities, which ggml's callers then clamp).
-#[inline]
-pub(crate) fn nearest_int(x: f32) -> i32 {
-    let v = x + 12_582_912.0;
-    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
-}
 
 /// Largest 3-bit level (levels are 2l + 1 for l in 0..8).
 const KMAX_Q: i32 = 8;
@@ -367,16 +360,6 @@ pub(crate) fn weights(xb: &[f32], qw: Option<&[f32]>, sigma2: f32, weight: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nearest_int_rounds_half_to_even() {
-        assert_eq!(nearest_int(0.5), 0);
-        assert_eq!(nearest_int(1.5), 2);
-        assert_eq!(nearest_int(-0.5), 0);
-        assert_eq!(nearest_int(-1.5), -2);
-        assert_eq!(nearest_int(2.4999), 2);
-        assert_eq!(nearest_int(-7.6), -8);
-    }
 
     #[test]
     fn grids_map_their_own_points_and_neighbours_are_off_grid_only() {
