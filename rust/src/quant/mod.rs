@@ -14,6 +14,9 @@ use crate::types::GgmlType;
 
 pub mod cpu;
 pub mod float;
+pub mod iq3;
+pub mod iq4;
+pub mod iq_tables;
 pub mod legacy;
 pub mod testdata;
 pub mod util;
@@ -75,6 +78,10 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
         Q5_0 => Some(&legacy::Q5_0_KERNELS),
         Q5_1 => Some(&legacy::Q5_1_KERNELS),
         Q8_0 => Some(&legacy::Q8_0_KERNELS),
+        IQ3_XXS => Some(&iq3::IQ3_XXS_KERNELS),
+        IQ3_S => Some(&iq3::IQ3_S_KERNELS),
+        IQ4_NL => Some(&iq4::IQ4_NL_KERNELS),
+        IQ4_XS => Some(&iq4::IQ4_XS_KERNELS),
         _ => None,
     }
 }
