@@ -12,33 +12,33 @@ pub(crate) fn search(g: &Iq3Grid, p: SearchParams, sb: &SubBlock, l: &mut [i8; 3
 }
 
 /// `iq3_find_best_neighbour` for the off-grid point `key`: 8 distances per step, first minimum wins.
+/// `x` and `w` are the group's 4 magnitudes and distance weights, broadcast.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn best_neighbour(g: &Iq3Grid, key: usize, xval: &[f32], waux: &[f32], scale: f32) -> usize {
+unsafe fn best_neighbour(g: &Iq3Grid, key: usize, x: &[__m256; 4], w: &[__m256; 4], scale: f32) -> usize {
     let nl = &g.lanes;
     let at = nl.at[key] as usize;
     let n = nl.len[key] as usize;
+    debug_assert!(n > 0 && at + n.next_multiple_of(8) <= nl.index.len());
     let s = _mm256_set1_ps(scale);
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let inf = _mm256_set1_ps(f32::INFINITY);
     let mut best_d2 = f32::MAX;
-    let mut best = nl.index[at];
+    let mut best = *nl.index.get_unchecked(at);
     for c in (0..n).step_by(8) {
         let mut acc = _mm256_setzero_ps();
         for i in 0..4 {
-            let q = _mm256_loadu_ps(nl.level[i].as_ptr().add(at + c));
-            let diff = _mm256_sub_ps(_mm256_mul_ps(s, q), _mm256_set1_ps(xval[i]));
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(waux[i]), diff), diff));
+            // SAFETY: every list is padded to a multiple of 8 entries (see NeighbourLanes::build).
+            let q = _mm256_loadu_ps(nl.level.get_unchecked(i).as_ptr().add(at + c));
+            let diff = _mm256_sub_ps(_mm256_mul_ps(s, q), x[i]);
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(w[i], diff), diff));
         }
-        // Padding lanes and NaN distances can never win: make them +inf, then take the first minimum.
-        let valid = _mm256_cmpgt_epi32(_mm256_set1_epi32((n - c) as i32), lane);
-        let keep = _mm256_and_ps(_mm256_castsi256_ps(valid), _mm256_cmp_ps::<_CMP_ORD_Q>(acc, acc));
-        let d2 = _mm256_blendv_ps(inf, acc, keep);
+        // Padding (NaN levels) and NaN distances can never win: make them +inf, take the first minimum.
+        let d2 = _mm256_blendv_ps(inf, acc, _mm256_cmp_ps::<_CMP_ORD_Q>(acc, acc));
         let m = hmin(d2);
         if m < best_d2 {
             best_d2 = m;
             let first = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(d2, _mm256_set1_ps(m))).trailing_zeros();
-            best = nl.index[at + c + first as usize];
+            best = *nl.index.get_unchecked(at + c + first as usize);
         }
     }
     best as usize
@@ -64,7 +64,6 @@ unsafe fn search_avx2(g: &Iq3Grid, p: SearchParams, sb: &SubBlock, l: &mut [i8; 
     // Levels per weight, one lane per trial.
     let mut lv = [[0i32; 8]; 32];
     let mut keys = [0i32; 8];
-    let mut mapped = [0i32; 8];
     let mut off_grid = [0i32; 8];
     let (zero, seven) = (_mm256_setzero_si256(), _mm256_set1_epi32(KMAX_Q - 1));
     let (one, half) = (_mm256_set1_ps(1.0), _mm256_set1_ps(0.5));
@@ -97,11 +96,12 @@ unsafe fn search_avx2(g: &Iq3Grid, p: SearchParams, sb: &SubBlock, l: &mut [i8; 
             off_grid[k] = off;
             if off != 0 {
                 _mm256_storeu_si256(keys.as_mut_ptr().cast(), key);
-                _mm256_storeu_si256(mapped.as_mut_ptr().cast(), m);
+                let xs: [__m256; 4] = std::array::from_fn(|i| _mm256_set1_ps(xval[4 * k + i]));
+                let ws: [__m256; 4] = std::array::from_fn(|i| _mm256_set1_ps(waux[4 * k + i]));
                 while off != 0 {
                     let t = off.trailing_zeros() as usize;
                     off &= off - 1;
-                    let gi = best_neighbour(g, keys[t] as usize, &xval[4 * k..], &waux[4 * k..], trial_scale[t]);
+                    let gi = best_neighbour(g, keys[t] as usize, &xs, &ws, trial_scale[t]);
                     for i in 0..4 {
                         lv[4 * k + i][t] = ((g.points[gi][i] - 1) / 2) as i32;
                     }

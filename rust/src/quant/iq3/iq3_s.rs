@@ -203,4 +203,18 @@ mod tests {
         let rmse = round_trip_rmse(&IQ3_S_KERNELS, &x, 512, None);
         assert!(rmse < 0.0035, "{rmse}");
     }
+
+    #[test]
+    fn zero_sub_block_shifts_later_ones_like_ggml() {
+        // ggml does not advance its qs/signs cursors past an all-zero sub-block; neither do we.
+        let mut x = gaussian(8, 256);
+        x[..32].fill(0.0);
+        let mut q = vec![0u8; BLOCK_BYTES];
+        Iq3S::quantize_row_ref(&x, &mut q, None);
+        assert_eq!(&q[QS + 56..QS + 64], &[0; 8]);
+        assert_eq!(&q[SIGNS + 28..SIGNS + 32], &[0; 4]);
+        let neg: Vec<u8> =
+            (0..4).map(|k| (0..8).fold(0, |s, i| s | (((x[32 + 8 * k + i] < 0.0) as u8) << i))).collect();
+        assert_eq!(&q[SIGNS..SIGNS + 4], &neg[..]);
+    }
 }

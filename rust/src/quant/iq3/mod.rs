@@ -8,20 +8,13 @@
 use std::sync::OnceLock;
 
 use super::iq_tables::{IQ3S_GRID, IQ3XXS_GRID};
+use super::util::nearest_int;
 
 pub mod iq3_s;
 pub mod iq3_xxs;
 
 pub use iq3_s::IQ3_S_KERNELS;
 pub use iq3_xxs::IQ3_XXS_KERNELS;
-
-/// ggml's `nearest_int`: round half to even through the 1.5·2^23 trick, bit for bit (including
-/// what it returns for NaN and infinities, which ggml's callers then clamp).
-#[inline]
-pub(crate) fn nearest_int(x: f32) -> i32 {
-    let v = x + 12_582_912.0;
-    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
-}
 
 /// Largest 3-bit level (levels are 2l + 1 for l in 0..8).
 const KMAX_Q: i32 = 8;
@@ -39,7 +32,7 @@ pub(crate) struct Iq3Grid {
     pub lanes: NeighbourLanes,
 }
 
-/// Neighbour lists in structure-of-arrays form, each padded to a multiple of 8 entries.
+/// Neighbour lists in structure-of-arrays form, each padded to a multiple of 8 entries (NaN levels).
 pub(crate) struct NeighbourLanes {
     /// `level[i][at + j]`: element i of neighbour j, as f32 (the odd level 2l + 1).
     pub level: [Vec<f32>; 4],
@@ -67,11 +60,12 @@ impl NeighbourLanes {
             nl.at[u] = nl.index.len() as u32;
             nl.len[u] = list.len() as u16;
             let padded = list.len().next_multiple_of(8);
+            // Padding repeats the first index with NaN levels, whose distance never wins.
             for j in 0..padded {
-                let gi = list.get(j).copied().unwrap_or(list[0]);
-                nl.index.push(gi);
+                let gi = list.get(j).copied();
+                nl.index.push(gi.unwrap_or(list[0]));
                 for (i, lv) in nl.level.iter_mut().enumerate() {
-                    lv.push(points[gi as usize][i] as f32);
+                    lv.push(gi.map_or(f32::NAN, |g| points[g as usize][i] as f32));
                 }
             }
         }
@@ -94,32 +88,36 @@ impl Iq3Grid {
         }
         let mut neighbours = vec![];
         let mut dist2: Vec<(i32, usize)> = Vec::with_capacity(points.len());
+        // Coordinates in separate columns so the distance loop vectorises.
+        let cols: [Vec<i32>; 4] = std::array::from_fn(|k| points.iter().map(|p| p[k] as i32).collect());
+        let mut d2_all = vec![0i32; points.len()];
         for (u, entry) in map.iter_mut().enumerate() {
             if *entry >= 0 {
                 continue;
             }
-            let pos: [i32; 4] = std::array::from_fn(|k| 2 * ((u >> (3 * k)) & 7) as i32 + 1);
-            let d2_of = |p: &[i8; 4]| -> i32 { (0..4).map(|k| (p[k] as i32 - pos[k]).pow(2)).sum() };
+            d2_all.fill(0);
+            for (k, col) in cols.iter().enumerate() {
+                let pos = 2 * ((u >> (3 * k)) & 7) as i32 + 1;
+                for (d, c) in d2_all.iter_mut().zip(col) {
+                    *d += (c - pos) * (c - pos);
+                }
+            }
             // Only the points within the nwant smallest distinct distances matter: find that
             // cut-off first, then sort just those by (distance, index) as ggml's qsort orders them.
             let mut smallest = [i32::MAX; 3];
-            for p in &points {
-                let d = d2_of(p);
-                if let Some(pos) = smallest[..nwant].iter().position(|s| d <= *s) {
-                    if smallest[pos] != d {
-                        smallest[pos..nwant].rotate_right(1);
-                        smallest[pos] = d;
+            for &d in &d2_all {
+                if d <= smallest[nwant - 1] {
+                    if let Some(pos) = smallest[..nwant].iter().position(|s| d <= *s) {
+                        if smallest[pos] != d {
+                            smallest[pos..nwant].rotate_right(1);
+                            smallest[pos] = d;
+                        }
                     }
                 }
             }
             let cut = smallest[nwant - 1];
             dist2.clear();
-            for (j, p) in points.iter().enumerate() {
-                let d = d2_of(p);
-                if d <= cut {
-                    dist2.push((d, j));
-                }
-            }
+            dist2.extend(d2_all.iter().enumerate().filter(|(_, d)| **d <= cut).map(|(j, d)| (*d, j)));
             dist2.sort_unstable();
             *entry = -(neighbours.len() as i32 + 1);
             let start = neighbours.len();
@@ -364,16 +362,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nearest_int_rounds_half_to_even() {
-        assert_eq!(nearest_int(0.5), 0);
-        assert_eq!(nearest_int(1.5), 2);
-        assert_eq!(nearest_int(-0.5), 0);
-        assert_eq!(nearest_int(-1.5), -2);
-        assert_eq!(nearest_int(2.4999), 2);
-        assert_eq!(nearest_int(-7.6), -8);
-    }
-
-    #[test]
     fn grids_map_their_own_points_and_neighbours_are_off_grid_only() {
         for (g, n) in [(grid_xxs(), 256), (grid_s(), 512)] {
             assert_eq!(g.points.len(), n);
@@ -411,6 +399,26 @@ mod tests {
                 let nl = &g.lanes;
                 let at = nl.at[u] as usize;
                 assert_eq!(&nl.index[at..at + nl.len[u] as usize], &want[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn huge_values_do_not_panic() {
+        // ggml aborts on these (every neighbour distance overflows); we keep the first neighbour.
+        use crate::quant::BlockQuant;
+        for scale in [1e15f32, 1e30, 3e38] {
+            let x: Vec<f32> = crate::quant::testdata::gaussian(4, 256).iter().map(|v| v * scale).collect();
+            let w = crate::quant::testdata::importance(5, 256);
+            for imatrix in [None, Some(&w[..])] {
+                let (mut a, mut b) = (vec![0u8; 110], vec![0u8; 110]);
+                iq3_s::Iq3S::quantize_row_ref(&x, &mut a, imatrix);
+                iq3_s::Iq3S::quantize_row(&x, &mut b, imatrix);
+                assert_eq!(a, b);
+                let (mut a, mut b) = (vec![0u8; 98], vec![0u8; 98]);
+                iq3_xxs::Iq3Xxs::quantize_row_ref(&x, &mut a, imatrix);
+                iq3_xxs::Iq3Xxs::quantize_row(&x, &mut b, imatrix);
+                assert_eq!(a, b);
             }
         }
     }

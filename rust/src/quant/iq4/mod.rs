@@ -6,7 +6,7 @@
 
 use half::f16;
 
-use super::iq3::nearest_int;
+use super::util::nearest_int;
 use super::iq_tables::KVALUES_IQ4NL;
 
 pub mod iq4_nl;
