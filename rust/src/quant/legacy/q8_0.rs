@@ -93,8 +93,9 @@ mod avx2 {
         for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK)) {
             let d = _mm256_set1_ps(f16_at(x));
             let p = x[2..].as_ptr();
-            let q: [__m256i; 4] =
-                std::array::from_fn(|k| _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i)));
+            let q: [__m256i; 4] = std::array::from_fn(|k| {
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i))
+            });
             store_block(y, q.map(|l| _mm256_mul_ps(_mm256_cvtepi32_ps(l), d)));
         }
     }
