@@ -194,26 +194,20 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
         for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
-            let (mut levels, (scales, d)) = match imatrix {
-                None => {
-                    let (levels, fs) = lanes::fit_q3k(x);
-                    (levels, scales_from_max(&fs))
-                }
-                Some(w) => {
-                    let (levels, fs, sw) = lanes::fit_q3k_imatrix(x, &w[QK_K * b..QK_K * (b + 1)]);
-                    (levels, scales_from_fit(&fs, &sw))
-                }
+            let qw = imatrix.map(|w| &w[QK_K * b..QK_K * (b + 1)]);
+            let f = lanes::fit_q3k(x, qw);
+            let (scales, d) = match qw {
+                None => scales_from_max(&f.scales),
+                Some(_) => scales_from_fit(&f.scales, &f.sw),
             };
             let d16 = round_f16(d);
-            for j in 0..16 {
-                let dj = d16 * scale_at(&scales, j) as f32;
-                if dj == 0.0 {
-                    continue;
-                }
-                let out = &mut *(&mut levels[16 * j..16 * j + 16] as *mut [i8] as *mut [u8]);
-                lanes::requantize16_offset(&x[16 * j..], 0.0, dj, -4, 3, out);
-            }
-            pack_block(y, &scales, d, &levels);
+            let dm: [(f32, f32); 16] = std::array::from_fn(|j| (d16 * scale_at(&scales, j) as f32, 0.0));
+            let mut levels = [0u8; QK_K];
+            lanes::levels_16(x, &f.levels, &dm, -4, 3, &mut levels);
+            let (hmask, rest) = y.split_at_mut(32);
+            lanes::pack_q3(&levels, hmask, &mut rest[..64]);
+            rest[64..76].copy_from_slice(&scales);
+            rest[76..78].copy_from_slice(&f16_le(d));
         }
     }
 

@@ -37,12 +37,12 @@ impl BlockQuant for Q5K {
             let (f, (scales, d, dmin)) = match imatrix {
                 None => {
                     let f = fit_ref(x, 31, -0.5, 0.1, 15);
-                    let s = scales_from_max(&f);
+                    let s = scales_from_max(&f.scales, &f.mins);
                     (f, s)
                 }
                 Some(w) => {
                     let (f, sw) = fit_imatrix_ref(x, &w[QK_K * b..QK_K * (b + 1)], 31);
-                    let s = scales_from_qp(&f, &sw, true);
+                    let s = scales_from_qp(&f.scales, &f.mins, &sw, true);
                     (f, s)
                 }
             };
@@ -107,20 +107,23 @@ mod avx2 {
         for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
             let (f, (scales, d, dmin)) = match imatrix {
                 None => {
-                    let (f, _) = lanes::fit_q45k(x, None, 31, -0.5, 0.1, 15);
-                    let s = scales_from_max(&f);
+                    let f = lanes::fit_q45k(x, None, 31, -0.5, 0.1, 15);
+                    let s = scales_from_max(&f.scales, &f.mins);
                     (f, s)
                 }
                 Some(w) => {
-                    let qw = &w[QK_K * b..QK_K * (b + 1)];
-                    let (f, sw) = lanes::fit_q45k(x, Some(qw), 31, -0.9, 0.05, 36);
-                    let s = scales_from_qp(&f, &sw, true);
+                    let f = lanes::fit_q45k(x, Some(&w[QK_K * b..QK_K * (b + 1)]), 31, -0.9, 0.05, 36);
+                    let s = scales_from_qp(&f.scales, &f.mins, &f.sw, true);
                     (f, s)
                 }
             };
-            let mut levels = f.levels;
-            lanes::requantize_k4(x, &scales, round_f16(d), round_f16(dmin), 31, &mut levels);
-            pack_block(y, &scales, d, dmin, &levels);
+            let mut levels = [0u8; QK_K];
+            lanes::levels_k4(x, &f.levels, &scales, round_f16(d), round_f16(dmin), 31, &mut levels);
+            y[0..2].copy_from_slice(&f16_le(d));
+            y[2..4].copy_from_slice(&f16_le(dmin));
+            y[4..16].copy_from_slice(&scales);
+            let (qh, qs) = y[16..].split_at_mut(32);
+            lanes::pack_q5(&levels, qh, qs);
         }
     }
 
