@@ -405,7 +405,7 @@ unsafe fn q3_lanes<const N: usize, const G: usize>(xt: &Lanes<N, G>, nmax: i32) 
 
 /// The search's levels of sub-block `j` (of a lane layout) in element order.
 #[inline(always)]
-pub(crate) unsafe fn sub_block_levels<const N: usize, const G: usize>(l: &Lanes<N, G>, j: usize, out: &mut [u8]) {
+pub(crate) unsafe fn sub_block_levels<const N: usize>(l: &[[__m256; N]], j: usize, out: &mut [u8]) {
     let p = l[j / 8].as_ptr() as *const f32;
     for (i, o) in out[..N].iter_mut().enumerate() {
         *o = *p.add(8 * i + j % 8) as u8;
@@ -549,6 +549,20 @@ pub(crate) unsafe fn fit_q3k(x: &[f32], qw: Option<&[f32]>) -> LaneFits<16, 2> {
     f
 }
 
+/// Q3_K no-imatrix fits of two consecutive super-blocks at once: four lane groups double the
+/// independent work in make_q3_quants' serial descent. Returns the levels (groups 2b, 2b+1 for
+/// block b) and the 32 scales.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn fit_q3k_pair(x: &[f32]) -> (Lanes<16, 4>, [f32; 32]) {
+    let xt = load_lanes::<16, 4>(x);
+    let (l, scale) = q3_lanes(&xt, 4);
+    let mut scales = [0f32; 32];
+    for g in 0..4 {
+        _mm256_storeu_ps(scales[8 * g..].as_mut_ptr(), scale[g]);
+    }
+    (l, scales)
+}
+
 /// Q6_K fits: make_qx_quants(nmax 32, rmse_type 1) with weights x², or the raw `qw`.
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn fit_q6k(x: &[f32], qw: Option<&[f32]>) -> LaneFits<16, 2> {
@@ -618,7 +632,7 @@ pub(crate) unsafe fn levels_k4(
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn levels_16(
     x: &[f32],
-    fit: &Lanes<16, 2>,
+    fit: &[[__m256; 16]],
     dm: &[(f32, f32); 16],
     lo: i32,
     hi: i32,

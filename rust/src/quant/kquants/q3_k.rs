@@ -193,22 +193,50 @@ mod avx2 {
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
-            let qw = imatrix.map(|w| &w[QK_K * b..QK_K * (b + 1)]);
-            let f = lanes::fit_q3k(x, qw);
-            let (scales, d) = match qw {
-                None => scales_from_max(&f.scales),
-                Some(_) => scales_from_fit(&f.scales, &f.sw),
-            };
-            let d16 = round_f16(d);
-            let dm: [(f32, f32); 16] = std::array::from_fn(|j| (d16 * scale_at(&scales, j) as f32, 0.0));
-            let mut levels = [0u8; QK_K];
-            lanes::levels_16(x, &f.levels, &dm, -4, 3, &mut levels);
-            let (hmask, rest) = y.split_at_mut(32);
-            lanes::pack_q3(&levels, hmask, &mut rest[..64]);
-            rest[64..76].copy_from_slice(&scales);
-            rest[76..78].copy_from_slice(&f16_le(d));
+        let nb = src.len() / QK_K;
+        let mut b = 0;
+        while b < nb {
+            let x = &src[QK_K * b..QK_K * (b + 1)];
+            let y = &mut dst[BLOCK_BYTES * b..BLOCK_BYTES * (b + 1)];
+            match imatrix {
+                None if b + 1 < nb => {
+                    let (l, fs) = lanes::fit_q3k_pair(&src[QK_K * b..QK_K * (b + 2)]);
+                    for k in 0..2 {
+                        let x = &src[QK_K * (b + k)..QK_K * (b + k + 1)];
+                        let y = &mut dst[BLOCK_BYTES * (b + k)..BLOCK_BYTES * (b + k + 1)];
+                        let fs: &[f32; 16] = fs[16 * k..16 * k + 16].try_into().unwrap();
+                        let (scales, d) = scales_from_max(fs);
+                        finish_block(x, y, &l[2 * k..2 * k + 2], scales, d);
+                    }
+                    b += 2;
+                    continue;
+                }
+                None => {
+                    let f = lanes::fit_q3k(x, None);
+                    let (scales, d) = scales_from_max(&f.scales);
+                    finish_block(x, y, &f.levels, scales, d);
+                }
+                Some(w) => {
+                    let f = lanes::fit_q3k(x, Some(&w[QK_K * b..QK_K * (b + 1)]));
+                    let (scales, d) = scales_from_fit(&f.scales, &f.sw);
+                    finish_block(x, y, &f.levels, scales, d);
+                }
+            }
+            b += 1;
         }
+    }
+
+    /// Final levels against the stored scales, then packing.
+    #[target_feature(enable = "avx2")]
+    unsafe fn finish_block(x: &[f32], y: &mut [u8], fit: &[[__m256; 16]], scales: [u8; 12], d: f32) {
+        let d16 = round_f16(d);
+        let dm: [(f32, f32); 16] = std::array::from_fn(|j| (d16 * scale_at(&scales, j) as f32, 0.0));
+        let mut levels = [0u8; QK_K];
+        lanes::levels_16(x, fit, &dm, -4, 3, &mut levels);
+        let (hmask, rest) = y.split_at_mut(32);
+        lanes::pack_q3(&levels, hmask, &mut rest[..64]);
+        rest[64..76].copy_from_slice(&scales);
+        rest[76..78].copy_from_slice(&f16_le(d));
     }
 
     #[target_feature(enable = "avx2")]
