@@ -3,7 +3,7 @@
 
 use super::{c_level_min, f16_at, f16_bytes, imatrix_weights, row_sigma2, QK};
 use crate::quant::util::make_qx_quants;
-use crate::quant::{cpu, kernels_of, BlockQuant, Kernels};
+use crate::quant::{kernels_of, BlockQuant, Kernels};
 use crate::types::GgmlType;
 
 pub const BLOCK_BYTES: usize = 18;
@@ -60,7 +60,7 @@ impl BlockQuant for Q4_0 {
 
     fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
         #[cfg(target_arch = "x86_64")]
-        if cpu::has_avx2() {
+        if crate::quant::cpu::has_avx2() {
             // SAFETY: AVX2 was detected at run time.
             return unsafe {
                 match imatrix {
@@ -84,7 +84,7 @@ impl BlockQuant for Q4_0 {
 
     fn dequantize_row(src: &[u8], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if cpu::has_avx2() {
+        if crate::quant::cpu::has_avx2() {
             // SAFETY: AVX2 was detected at run time.
             return unsafe { avx2::dequantize_row(src, dst) };
         }

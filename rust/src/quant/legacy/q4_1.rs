@@ -3,7 +3,7 @@
 
 use super::{c_level_min, f16_at, f16_bytes, imatrix_weights, row_sigma2, QK};
 use crate::quant::util::make_qkx3_quants;
-use crate::quant::{cpu, kernels_of, BlockQuant, Kernels};
+use crate::quant::{kernels_of, BlockQuant, Kernels};
 use crate::types::GgmlType;
 
 pub const BLOCK_BYTES: usize = 20;
@@ -64,7 +64,7 @@ impl BlockQuant for Q4_1 {
 
     fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
         #[cfg(target_arch = "x86_64")]
-        if cpu::has_avx2() {
+        if crate::quant::cpu::has_avx2() {
             // SAFETY: AVX2 was detected at run time.
             return unsafe {
                 match imatrix {
@@ -89,7 +89,7 @@ impl BlockQuant for Q4_1 {
 
     fn dequantize_row(src: &[u8], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if cpu::has_avx2() {
+        if crate::quant::cpu::has_avx2() {
             // SAFETY: AVX2 was detected at run time.
             return unsafe { avx2::dequantize_row(src, dst) };
         }
