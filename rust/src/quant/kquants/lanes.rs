@@ -175,8 +175,8 @@ unsafe fn qkx_lanes<const N: usize, const G: usize>(
             for g in 0..G {
                 let v = mul(iscale[g], sub(xt[g][i], min[g]));
                 let q = if guarded {
-                    // v > 0 ? nearest_int(MIN(v, nmax)) : 0
-                    let qi = nearest_int(select(lt(v, nmaxv), v, nmaxv));
+                    // v > 0 ? nearest_int(MIN(v, nmax)) : 0; minps(v, n) is exactly v < n ? v : n.
+                    let qi = nearest_int(_mm256_min_ps(v, nmaxv));
                     _mm256_cvtepi32_ps(_mm256_and_si256(qi, _mm256_castps_si256(gt(v, zero))))
                 } else {
                     _mm256_cvtepi32_ps(clamp(nearest_int(v), 0, nmax))
@@ -435,14 +435,14 @@ unsafe fn store_sums<const N: usize, const G: usize>(wt: &Lanes<N, G>, sw: &mut 
     }
 }
 
-/// Importance weights qw*sqrt(sigma2 + x²) in lane layout.
+/// Importance weights qw*sqrt(sigma2 + x²) in lane layout, with group g's sigma2 = `sigma2[g]`.
 #[inline(always)]
-unsafe fn imatrix_weights<const N: usize, const G: usize>(xt: &Lanes<N, G>, qw: &[f32], sigma2: f32) -> Lanes<N, G> {
+unsafe fn imatrix_weights<const N: usize, const G: usize>(xt: &Lanes<N, G>, qw: &[f32], sigma2: [f32; G]) -> Lanes<N, G> {
     use v::*;
     let qt = load_lanes::<N, G>(qw);
-    let s2 = splat(sigma2);
     let mut wt = qt;
     for g in 0..G {
+        let s2 = splat(sigma2[g]);
         for i in 0..N {
             wt[g][i] = mul(qt[g][i], _mm256_sqrt_ps(add(s2, mul(xt[g][i], xt[g][i]))));
         }
@@ -458,42 +458,51 @@ pub(crate) struct LaneFits<const N: usize, const G: usize> {
     pub sw: [f32; 16],
 }
 
-/// Q4_K/Q5_K sub-block fits: without `qw`, quantize_row_q4/5_K_ref's make_qkx2_quants with
-/// weights av_x + |x| and the given search parameters; with `qw`, the _impl's make_qkx3_quants.
+/// Q4_K/Q5_K sub-block fits of `G` consecutive super-blocks (group g = block g): without `qw`,
+/// quantize_row_q4/5_K_ref's make_qkx2_quants with weights av_x + |x| and the given search
+/// parameters; with `qw`, the _impl's make_qkx3_quants. Two blocks at once give the serial
+/// reductions two independent chains.
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn fit_q45k(
+pub(crate) unsafe fn fit_q45k<const G: usize>(
     x: &[f32],
     qw: Option<&[f32]>,
     nmax: i32,
     rmin: f32,
     rdelta: f32,
     nstep: i32,
-) -> LaneFits<32, 1> {
+) -> LaneFits<32, G> {
     use v::*;
-    let xt = load_lanes::<32, 1>(x);
+    assert!(G <= 2 && x.len() >= QK_K * G);
+    let xt = load_lanes::<32, G>(x);
     let mut f = LaneFits { levels: xt, scales: [0.0; 16], mins: [0.0; 16], sw: [0.0; 16] };
     let (l, scale, neg_min) = match qw {
         None => {
             let mut wt = xt;
-            let mut s = _mm256_setzero_ps();
-            for i in 0..32 {
-                s = add(s, mul(xt[0][i], xt[0][i]));
-            }
-            let av_x = _mm256_sqrt_ps(div(s, splat(32.0)));
-            for i in 0..32 {
-                wt[0][i] = add(av_x, abs(xt[0][i]));
+            for g in 0..G {
+                let mut s = _mm256_setzero_ps();
+                for i in 0..32 {
+                    s = add(s, mul(xt[g][i], xt[g][i]));
+                }
+                let av_x = _mm256_sqrt_ps(div(s, splat(32.0)));
+                for i in 0..32 {
+                    wt[g][i] = add(av_x, abs(xt[g][i]));
+                }
             }
             qkx_lanes(&xt, &wt, nmax, rmin, rdelta, nstep, false, false)
         }
         Some(qw) => {
-            let wt = imatrix_weights(&xt, qw, 2.0 * sum_squares(&x[..QK_K]) / QK_K as f32);
+            let sigma2: [f32; G] =
+                std::array::from_fn(|g| 2.0 * sum_squares(&x[QK_K * g..QK_K * (g + 1)]) / QK_K as f32);
+            let wt = imatrix_weights(&xt, qw, sigma2);
             store_sums(&wt, &mut f.sw);
             qkx_lanes(&xt, &wt, nmax, rmin, rdelta, nstep, false, true)
         }
     };
     f.levels = l;
-    _mm256_storeu_ps(f.scales.as_mut_ptr(), scale[0]);
-    _mm256_storeu_ps(f.mins.as_mut_ptr(), neg_min[0]);
+    for g in 0..G {
+        _mm256_storeu_ps(f.scales[8 * g..].as_mut_ptr(), scale[g]);
+        _mm256_storeu_ps(f.mins[8 * g..].as_mut_ptr(), neg_min[g]);
+    }
     f
 }
 
@@ -515,7 +524,8 @@ pub(crate) unsafe fn fit_q2k(x: &[f32], qw: Option<&[f32]>) -> LaneFits<16, 2> {
             qkx_lanes(&xt, &wt, 3, -0.5, 0.1, 15, true, false)
         }
         Some(qw) => {
-            let wt = imatrix_weights(&xt, qw, sum_squares(&x[..QK_K]) / QK_K as f32);
+            let s = sum_squares(&x[..QK_K]) / QK_K as f32;
+            let wt = imatrix_weights(&xt, qw, [s, s]);
             store_sums(&wt, &mut f.sw);
             qkx_lanes(&xt, &wt, 3, -0.9, 0.05, 36, false, true)
         }
@@ -537,7 +547,8 @@ pub(crate) unsafe fn fit_q3k(x: &[f32], qw: Option<&[f32]>) -> LaneFits<16, 2> {
     let (l, scale) = match qw {
         None => q3_lanes(&xt, 4),
         Some(qw) => {
-            let wt = imatrix_weights(&xt, qw, 2.0 * sum_squares(&x[..QK_K]) / QK_K as f32);
+            let s = 2.0 * sum_squares(&x[..QK_K]) / QK_K as f32;
+            let wt = imatrix_weights(&xt, qw, [s, s]);
             store_sums(&wt, &mut f.sw);
             qx_lanes(&xt, &wt, 4)
         }
@@ -608,7 +619,7 @@ pub(crate) unsafe fn requantize(x: &[f32], m: f32, d: f32, lo: i32, hi: i32, out
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn levels_k4(
     x: &[f32],
-    fit: &Lanes<32, 1>,
+    fit: &[[__m256; 32]],
     scales: &[u8],
     d: f32,
     dmin: f32,

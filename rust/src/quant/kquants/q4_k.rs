@@ -201,34 +201,79 @@ impl BlockQuant for Q4K {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
     use crate::quant::kquants::lanes;
 
+    /// What differs between Q4_K and Q5_K in the AVX2 row driver.
+    pub(crate) struct K45 {
+        pub nmax: i32,
+        /// make_qkx2_quants' (rmin, rdelta, nstep) on the no-imatrix path.
+        pub search: (f32, f32, i32),
+        /// Q5_K's _impl clamps the qp levels to 63 (a no-op kept for fidelity).
+        pub clamp63: bool,
+        pub block_bytes: usize,
+        /// Packs the levels into the block's quant bytes (after d, dmin and scales).
+        pub pack: unsafe fn(&[u8; QK_K], &mut [u8]),
+    }
+
+    /// Q4_K/Q5_K rows: super-blocks are fitted two at a time, then finished one by one.
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn quantize_row_k45(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>, t: &K45) {
+        let nb = src.len() / QK_K;
+        let (rmin, rdelta, nstep) = if imatrix.is_some() { (-0.9, 0.05, 36) } else { t.search };
+        let mut b = 0;
+        while b < nb {
+            let n = if b + 1 < nb { 2 } else { 1 };
+            let xs = &src[QK_K * b..QK_K * (b + n)];
+            let qw = imatrix.map(|w| &w[QK_K * b..QK_K * (b + n)]);
+            let ys = &mut dst[t.block_bytes * b..t.block_bytes * (b + n)];
+            if n == 2 {
+                let f = lanes::fit_q45k::<2>(xs, qw, t.nmax, rmin, rdelta, nstep);
+                for k in 0..2 {
+                    finish_k45(&xs[QK_K * k..], &mut ys[t.block_bytes * k..], &f.levels[k..k + 1], &f, k, imatrix.is_some(), t);
+                }
+            } else {
+                let f = lanes::fit_q45k::<1>(xs, qw, t.nmax, rmin, rdelta, nstep);
+                finish_k45(xs, ys, &f.levels, &f, 0, imatrix.is_some(), t);
+            }
+            b += n;
+        }
+    }
+
+    /// Scales, final levels and packing of block `k` of a fit.
+    #[target_feature(enable = "avx2")]
+    unsafe fn finish_k45<const G: usize>(
+        x: &[f32],
+        y: &mut [u8],
+        fit: &[[std::arch::x86_64::__m256; 32]],
+        f: &lanes::LaneFits<32, G>,
+        k: usize,
+        weighted: bool,
+        t: &K45,
+    ) {
+        let (sc, mn, sw) = (&f.scales[8 * k..8 * k + 8], &f.mins[8 * k..8 * k + 8], &f.sw[8 * k..8 * k + 8]);
+        let (scales, d, dmin) = if weighted { scales_from_qp(sc, mn, sw, t.clamp63) } else { scales_from_max(sc, mn) };
+        let mut levels = [0u8; QK_K];
+        lanes::levels_k4(x, fit, &scales, round_f16(d), round_f16(dmin), t.nmax, &mut levels);
+        y[0..2].copy_from_slice(&f16_le(d));
+        y[2..4].copy_from_slice(&f16_le(dmin));
+        y[4..16].copy_from_slice(&scales);
+        (t.pack)(&levels, &mut y[16..t.block_bytes]);
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn pack(levels: &[u8; QK_K], qs: &mut [u8]) {
+        lanes::pack_q4(levels, qs)
+    }
+
+    const Q4: K45 = K45 { nmax: 15, search: (-1.0, 0.1, 20), clamp63: false, block_bytes: BLOCK_BYTES, pack };
+
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
-            let (f, (scales, d, dmin)) = match imatrix {
-                None => {
-                    let f = lanes::fit_q45k(x, None, 15, -1.0, 0.1, 20);
-                    let s = scales_from_max(&f.scales, &f.mins);
-                    (f, s)
-                }
-                Some(w) => {
-                    let f = lanes::fit_q45k(x, Some(&w[QK_K * b..QK_K * (b + 1)]), 15, -0.9, 0.05, 36);
-                    let s = scales_from_qp(&f.scales, &f.mins, &f.sw, false);
-                    (f, s)
-                }
-            };
-            let mut levels = [0u8; QK_K];
-            lanes::levels_k4(x, &f.levels, &scales, round_f16(d), round_f16(dmin), 15, &mut levels);
-            y[0..2].copy_from_slice(&f16_le(d));
-            y[2..4].copy_from_slice(&f16_le(dmin));
-            y[4..16].copy_from_slice(&scales);
-            lanes::pack_q4(&levels, &mut y[16..]);
-        }
+        quantize_row_k45(src, dst, imatrix, &Q4)
     }
 
     #[target_feature(enable = "avx2")]
