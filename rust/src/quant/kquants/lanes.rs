@@ -764,3 +764,66 @@ pub(crate) unsafe fn pack_q6(levels: &[u8; QK_K], ql: &mut [u8], qh: &mut [u8]) 
         _mm256_storeu_si256(qh.as_mut_ptr().add(32 * h) as *mut __m256i, qhv);
     }
 }
+
+/// make_qx_quants(nmax, x, L, rmse_type 1, Some(qw)) for one short group (Q3_K's 16 sub-block
+/// scales) with its 19 candidate scales in lanes: each lane sums over the elements in ggml's
+/// order, then the candidates are compared in ggml's order with ggml's test, so the chosen scale
+/// and levels are the scalar function's.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn qx_quants_weighted(nmax: i32, x: &[f32], l: &mut [i8], qw: &[f32]) -> f32 {
+    use v::*;
+    let n = x.len();
+    assert!(l.len() >= n && qw.len() >= n);
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l[..n].fill(0);
+        return 0.0;
+    }
+    let nmaxf = nmax as f32;
+    // Lane 0: ggml's first guess; lanes 1..19: is = -9..=9 without 0; the rest repeat lane 0.
+    let mut iscales = [-nmaxf / max; 24];
+    for (k, is) in (-9i32..=9).filter(|is| *is != 0).enumerate() {
+        iscales[k + 1] = -(nmaxf + 0.1f32 * is as f32) / max;
+    }
+    let zero = _mm256_setzero_ps();
+    let mut isv = [zero; 3];
+    for g in 0..3 {
+        isv[g] = _mm256_loadu_ps(iscales[8 * g..].as_ptr());
+    }
+    let (mut sumlx, mut suml2) = ([zero; 3], [zero; 3]);
+    for i in 0..n {
+        let (xv, wv) = (splat(x[i]), splat(qw[i]));
+        let wx = mul(wv, xv);
+        for g in 0..3 {
+            let q = _mm256_cvtepi32_ps(clamp(nearest_int(mul(isv[g], xv)), -nmax, nmax - 1));
+            sumlx[g] = add(sumlx[g], mul(wx, q));
+            suml2[g] = add(suml2[g], mul(mul(wv, q), q));
+        }
+    }
+    let (mut slx, mut sl2) = ([0f32; 24], [0f32; 24]);
+    for g in 0..3 {
+        _mm256_storeu_ps(slx[8 * g..].as_mut_ptr(), sumlx[g]);
+        _mm256_storeu_ps(sl2[8 * g..].as_mut_ptr(), suml2[g]);
+    }
+    let mut chosen = 0;
+    let mut scale = if sl2[0] != 0.0 { slx[0] / sl2[0] } else { 0.0 };
+    let mut best = scale * slx[0];
+    for k in 1..19 {
+        if sl2[k] > 0.0 && slx[k] * slx[k] > best * sl2[k] {
+            scale = slx[k] / sl2[k];
+            best = scale * slx[k];
+            chosen = k;
+        }
+    }
+    let iscale = iscales[chosen];
+    for i in 0..n {
+        l[i] = (nmax + crate::quant::util::nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1)) as i8;
+    }
+    scale
+}

@@ -218,7 +218,9 @@ mod avx2 {
                 }
                 Some(w) => {
                     let f = lanes::fit_q3k(x, Some(&w[QK_K * b..QK_K * (b + 1)]));
-                    let (scales, d) = scales_from_fit(&f.scales, &f.sw);
+                    let mut ls = [0i8; 16];
+                    let d = lanes::qx_quants_weighted(32, &f.scales, &mut ls, &f.sw);
+                    let scales = pack_scales(&ls.map(|v| v as u8));
                     finish_block(x, y, &f.levels, scales, d);
                 }
             }
@@ -295,6 +297,33 @@ mod tests {
     #[test]
     fn round_trip_error() {
         rmse_within(&Q3_K_KERNELS, 0.27);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn lane_qx_quants_equals_scalar() {
+        if !cpu::has_avx2() {
+            return;
+        }
+        use crate::quant::testdata::{gaussian, importance};
+        for seed in 0..200u64 {
+            let mut x = gaussian(seed, 16);
+            if seed % 3 == 0 {
+                x.iter_mut().for_each(|v| *v = v.abs()); // scales are mostly one sign
+            }
+            if seed % 7 == 0 {
+                x[(seed % 16) as usize] = 0.0;
+            }
+            let mut w = importance(seed + 1000, 16);
+            if seed % 5 == 0 {
+                w[3] = 0.0;
+            }
+            let (mut a, mut b) = ([0i8; 16], [0i8; 16]);
+            let sa = make_qx_quants(32, &x, &mut a, 1, Some(&w));
+            // SAFETY: AVX2 is present (checked above).
+            let sb = unsafe { crate::quant::kquants::lanes::qx_quants_weighted(32, &x, &mut b, &w) };
+            assert_eq!((sa.to_bits(), a), (sb.to_bits(), b), "seed {seed}");
+        }
     }
 
     #[test]
