@@ -12,6 +12,7 @@
 
 use half::f16;
 
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod lanes;
 pub mod q2_k;
 pub mod q3_k;

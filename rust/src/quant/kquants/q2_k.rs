@@ -13,7 +13,7 @@ pub struct Q2K;
 pub const Q2_K_KERNELS: Kernels = kernels_of::<Q2K>();
 
 /// Sub-block scales, mins and levels from the searches, plus the imatrix path's weight sums.
-pub(crate) struct Fits16 {
+struct Fits16 {
     pub scales: [f32; 16],
     pub mins: [f32; 16],
     pub levels: [u8; QK_K],
@@ -57,16 +57,16 @@ fn fit_imatrix_ref(x: &[f32], qw: &[f32]) -> Fits16 {
 
 /// No-imatrix scale quantization: 4 bits against the largest scale and min. Returns
 /// (scales[16], d, dmin) with d/dmin before f16 rounding.
-fn scales_from_max(f: &Fits16) -> ([u8; 16], f32, f32) {
+fn scales_from_max(scales: &[f32; 16], mins: &[f32; 16]) -> ([u8; 16], f32, f32) {
     let q4scale = 15f32;
     let mut max_scale = 0f32;
     let mut max_min = 0f32;
     for j in 0..16 {
-        if f.scales[j] > max_scale {
-            max_scale = f.scales[j];
+        if scales[j] > max_scale {
+            max_scale = scales[j];
         }
-        if f.mins[j] > max_min {
-            max_min = f.mins[j];
+        if mins[j] > max_min {
+            max_min = mins[j];
         }
     }
     let mut sc = [0u8; 16];
@@ -75,25 +75,25 @@ fn scales_from_max(f: &Fits16) -> ([u8; 16], f32, f32) {
     if max_scale > 0.0 {
         let iscale = q4scale / max_scale;
         for j in 0..16 {
-            sc[j] = nearest_int(iscale * f.scales[j]) as u8;
+            sc[j] = nearest_int(iscale * scales[j]) as u8;
         }
         d = max_scale / q4scale;
     }
     if max_min > 0.0 {
         let iscale = q4scale / max_min;
         for j in 0..16 {
-            sc[j] |= (nearest_int(iscale * f.mins[j]) << 4) as u8;
+            sc[j] |= (nearest_int(iscale * mins[j]) << 4) as u8;
         }
         dmin = max_min / q4scale;
     }
     (sc, d, dmin)
 }
 
-fn scales_from_qp(f: &Fits16) -> ([u8; 16], f32, f32) {
+fn scales_from_qp(scales: &[f32; 16], mins: &[f32; 16], sw: &[f32; 16]) -> ([u8; 16], f32, f32) {
     let mut ls = [0u8; 16];
     let mut lm = [0u8; 16];
-    let dm = make_qp_quants(15, &f.scales, &mut ls, &f.sw);
-    let mm = make_qp_quants(15, &f.mins, &mut lm, &f.sw);
+    let dm = make_qp_quants(15, scales, &mut ls, sw);
+    let mm = make_qp_quants(15, mins, &mut lm, sw);
     let mut sc = [0u8; 16];
     for j in 0..16 {
         sc[j] = ls[j] | (lm[j] << 4);
@@ -129,12 +129,12 @@ impl BlockQuant for Q2K {
             let (f, (sc, d, dmin)) = match imatrix {
                 None => {
                     let f = fit_ref(x);
-                    let s = scales_from_max(&f);
+                    let s = scales_from_max(&f.scales, &f.mins);
                     (f, s)
                 }
                 Some(w) => {
                     let f = fit_imatrix_ref(x, &w[QK_K * b..QK_K * (b + 1)]);
-                    let s = scales_from_qp(&f);
+                    let s = scales_from_qp(&f.scales, &f.mins, &f.sw);
                     (f, s)
                 }
             };
@@ -193,29 +193,21 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
         for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
-            let (f, (sc, d, dmin)) = match imatrix {
-                None => {
-                    let f = lanes::fit_q2k(x, None);
-                    let s = scales_from_max(&f);
-                    (f, s)
-                }
-                Some(w) => {
-                    let f = lanes::fit_q2k(x, Some(&w[QK_K * b..QK_K * (b + 1)]));
-                    let s = scales_from_qp(&f);
-                    (f, s)
-                }
+            let qw = imatrix.map(|w| &w[QK_K * b..QK_K * (b + 1)]);
+            let f = lanes::fit_q2k(x, qw);
+            let (sc, d, dmin) = match qw {
+                None => scales_from_max(&f.scales, &f.mins),
+                Some(_) => scales_from_qp(&f.scales, &f.mins, &f.sw),
             };
-            let mut levels = f.levels;
             let (d16, m16) = (round_f16(d), round_f16(dmin));
-            for j in 0..16 {
-                let dj = d16 * (sc[j] & 0xF) as f32;
-                if dj == 0.0 {
-                    continue;
-                }
-                let m = m16 * (sc[j] >> 4) as f32;
-                lanes::requantize16_offset(&x[16 * j..], m, dj, 0, 3, &mut levels[16 * j..]);
-            }
-            pack_block(y, &sc, d, dmin, &levels);
+            let dm: [(f32, f32); 16] =
+                std::array::from_fn(|j| (d16 * (sc[j] & 0xF) as f32, m16 * (sc[j] >> 4) as f32));
+            let mut levels = [0u8; QK_K];
+            lanes::levels_16(x, &f.levels, &dm, 0, 3, &mut levels);
+            y[..16].copy_from_slice(&sc);
+            lanes::pack_q2(&levels, &mut y[16..80]);
+            y[80..82].copy_from_slice(&f16_le(d));
+            y[82..84].copy_from_slice(&f16_le(dmin));
         }
     }
 

@@ -193,28 +193,52 @@ mod avx2 {
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
-            let (mut levels, (scales, d)) = match imatrix {
-                None => {
-                    let (levels, fs) = lanes::fit_q3k(x);
-                    (levels, scales_from_max(&fs))
-                }
-                Some(w) => {
-                    let (levels, fs, sw) = lanes::fit_q3k_imatrix(x, &w[QK_K * b..QK_K * (b + 1)]);
-                    (levels, scales_from_fit(&fs, &sw))
-                }
-            };
-            let d16 = round_f16(d);
-            for j in 0..16 {
-                let dj = d16 * scale_at(&scales, j) as f32;
-                if dj == 0.0 {
+        let nb = src.len() / QK_K;
+        let mut b = 0;
+        while b < nb {
+            let x = &src[QK_K * b..QK_K * (b + 1)];
+            let y = &mut dst[BLOCK_BYTES * b..BLOCK_BYTES * (b + 1)];
+            match imatrix {
+                None if b + 1 < nb => {
+                    let (l, fs) = lanes::fit_q3k_pair(&src[QK_K * b..QK_K * (b + 2)]);
+                    for k in 0..2 {
+                        let x = &src[QK_K * (b + k)..QK_K * (b + k + 1)];
+                        let y = &mut dst[BLOCK_BYTES * (b + k)..BLOCK_BYTES * (b + k + 1)];
+                        let fs: &[f32; 16] = fs[16 * k..16 * k + 16].try_into().unwrap();
+                        let (scales, d) = scales_from_max(fs);
+                        finish_block(x, y, &l[2 * k..2 * k + 2], scales, d);
+                    }
+                    b += 2;
                     continue;
                 }
-                let out = &mut *(&mut levels[16 * j..16 * j + 16] as *mut [i8] as *mut [u8]);
-                lanes::requantize16_offset(&x[16 * j..], 0.0, dj, -4, 3, out);
+                None => {
+                    let f = lanes::fit_q3k(x, None);
+                    let (scales, d) = scales_from_max(&f.scales);
+                    finish_block(x, y, &f.levels, scales, d);
+                }
+                Some(w) => {
+                    let f = lanes::fit_q3k(x, Some(&w[QK_K * b..QK_K * (b + 1)]));
+                    let mut ls = [0i8; 16];
+                    let d = lanes::qx_quants_weighted(32, &f.scales, &mut ls, &f.sw);
+                    let scales = pack_scales(&ls.map(|v| v as u8));
+                    finish_block(x, y, &f.levels, scales, d);
+                }
             }
-            pack_block(y, &scales, d, &levels);
+            b += 1;
         }
+    }
+
+    /// Final levels against the stored scales, then packing.
+    #[target_feature(enable = "avx2")]
+    unsafe fn finish_block(x: &[f32], y: &mut [u8], fit: &[[__m256; 16]], scales: [u8; 12], d: f32) {
+        let d16 = round_f16(d);
+        let dm: [(f32, f32); 16] = std::array::from_fn(|j| (d16 * scale_at(&scales, j) as f32, 0.0));
+        let mut levels = [0u8; QK_K];
+        lanes::levels_16(x, fit, &dm, -4, 3, &mut levels);
+        let (hmask, rest) = y.split_at_mut(32);
+        lanes::pack_q3(&levels, hmask, &mut rest[..64]);
+        rest[64..76].copy_from_slice(&scales);
+        rest[76..78].copy_from_slice(&f16_le(d));
     }
 
     #[target_feature(enable = "avx2")]
@@ -273,6 +297,33 @@ mod tests {
     #[test]
     fn round_trip_error() {
         rmse_within(&Q3_K_KERNELS, 0.27);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn lane_qx_quants_equals_scalar() {
+        if !cpu::has_avx2() {
+            return;
+        }
+        use crate::quant::testdata::{gaussian, importance};
+        for seed in 0..200u64 {
+            let mut x = gaussian(seed, 16);
+            if seed % 3 == 0 {
+                x.iter_mut().for_each(|v| *v = v.abs()); // scales are mostly one sign
+            }
+            if seed % 7 == 0 {
+                x[(seed % 16) as usize] = 0.0;
+            }
+            let mut w = importance(seed + 1000, 16);
+            if seed % 5 == 0 {
+                w[3] = 0.0;
+            }
+            let (mut a, mut b) = ([0i8; 16], [0i8; 16]);
+            let sa = make_qx_quants(32, &x, &mut a, 1, Some(&w));
+            // SAFETY: AVX2 is present (checked above).
+            let sb = unsafe { crate::quant::kquants::lanes::qx_quants_weighted(32, &x, &mut b, &w) };
+            assert_eq!((sa.to_bits(), a), (sb.to_bits(), b), "seed {seed}");
+        }
     }
 
     #[test]

@@ -72,15 +72,15 @@ pub(crate) fn fit_imatrix_ref(x: &[f32], qw: &[f32], nmax: i32) -> (SubFits, [f3
 
 /// Quantizes the sub-block scales and mins of the no-imatrix path to 6 bits against their
 /// maxima: returns (scales[12], d, dmin).
-pub(crate) fn scales_from_max(f: &SubFits) -> ([u8; 12], f32, f32) {
+pub(crate) fn scales_from_max(scales: &[f32], mins: &[f32]) -> ([u8; 12], f32, f32) {
     let mut max_scale = 0f32;
     let mut max_min = 0f32;
     for j in 0..8 {
-        if f.scales[j] > max_scale {
-            max_scale = f.scales[j];
+        if scales[j] > max_scale {
+            max_scale = scales[j];
         }
-        if f.mins[j] > max_min {
-            max_min = f.mins[j];
+        if mins[j] > max_min {
+            max_min = mins[j];
         }
     }
     let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
@@ -89,18 +89,18 @@ pub(crate) fn scales_from_max(f: &SubFits) -> ([u8; 12], f32, f32) {
     let mut lm = [0u8; 8];
     for j in 0..8 {
         // C stores nearest_int into a uint8_t (wrapping) before clamping to 63.
-        ls[j] = (nearest_int(inv_scale * f.scales[j]) as u8).min(63);
-        lm[j] = (nearest_int(inv_min * f.mins[j]) as u8).min(63);
+        ls[j] = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        lm[j] = (nearest_int(inv_min * mins[j]) as u8).min(63);
     }
     (pack_scale_min_k4(&ls, &lm), max_scale / 63.0, max_min / 63.0)
 }
 
 /// Quantizes the sub-block scales and mins of the imatrix path with make_qp_quants.
-pub(crate) fn scales_from_qp(f: &SubFits, sw: &[f32; 8], clamp63: bool) -> ([u8; 12], f32, f32) {
+pub(crate) fn scales_from_qp(scales: &[f32], mins: &[f32], sw: &[f32], clamp63: bool) -> ([u8; 12], f32, f32) {
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
-    let d_block = make_qp_quants(63, &f.scales, &mut ls, sw);
-    let m_block = make_qp_quants(63, &f.mins, &mut lm, sw);
+    let d_block = make_qp_quants(63, &scales[..8], &mut ls, &sw[..8]);
+    let m_block = make_qp_quants(63, &mins[..8], &mut lm, &sw[..8]);
     if clamp63 {
         ls.iter_mut().chain(lm.iter_mut()).for_each(|v| *v = (*v).min(63));
     }
@@ -149,12 +149,12 @@ impl BlockQuant for Q4K {
             match imatrix {
                 None => {
                     let f = fit_ref(x, 15, -1.0, 0.1, 20);
-                    let (scales, d, dmin) = scales_from_max(&f);
+                    let (scales, d, dmin) = scales_from_max(&f.scales, &f.mins);
                     finish_block(x, y, scales, d, dmin, f.levels);
                 }
                 Some(w) => {
                     let (f, sw) = fit_imatrix_ref(x, &w[QK_K * b..QK_K * (b + 1)], 15);
-                    let (scales, d, dmin) = scales_from_qp(&f, &sw, false);
+                    let (scales, d, dmin) = scales_from_qp(&f.scales, &f.mins, &sw, false);
                     finish_block(x, y, scales, d, dmin, f.levels);
                 }
             }
@@ -201,32 +201,79 @@ impl BlockQuant for Q4K {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
     use crate::quant::kquants::lanes;
 
+    /// What differs between Q4_K and Q5_K in the AVX2 row driver.
+    pub(crate) struct K45 {
+        pub nmax: i32,
+        /// make_qkx2_quants' (rmin, rdelta, nstep) on the no-imatrix path.
+        pub search: (f32, f32, i32),
+        /// Q5_K's _impl clamps the qp levels to 63 (a no-op kept for fidelity).
+        pub clamp63: bool,
+        pub block_bytes: usize,
+        /// Packs the levels into the block's quant bytes (after d, dmin and scales).
+        pub pack: unsafe fn(&[u8; QK_K], &mut [u8]),
+    }
+
+    /// Q4_K/Q5_K rows: super-blocks are fitted two at a time, then finished one by one.
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn quantize_row_k45(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>, t: &K45) {
+        let nb = src.len() / QK_K;
+        let (rmin, rdelta, nstep) = if imatrix.is_some() { (-0.9, 0.05, 36) } else { t.search };
+        let mut b = 0;
+        while b < nb {
+            let n = if b + 1 < nb { 2 } else { 1 };
+            let xs = &src[QK_K * b..QK_K * (b + n)];
+            let qw = imatrix.map(|w| &w[QK_K * b..QK_K * (b + n)]);
+            let ys = &mut dst[t.block_bytes * b..t.block_bytes * (b + n)];
+            if n == 2 {
+                let f = lanes::fit_q45k::<2>(xs, qw, t.nmax, rmin, rdelta, nstep);
+                for k in 0..2 {
+                    finish_k45(&xs[QK_K * k..], &mut ys[t.block_bytes * k..], &f.levels[k..k + 1], &f, k, imatrix.is_some(), t);
+                }
+            } else {
+                let f = lanes::fit_q45k::<1>(xs, qw, t.nmax, rmin, rdelta, nstep);
+                finish_k45(xs, ys, &f.levels, &f, 0, imatrix.is_some(), t);
+            }
+            b += n;
+        }
+    }
+
+    /// Scales, final levels and packing of block `k` of a fit.
+    #[target_feature(enable = "avx2")]
+    unsafe fn finish_k45<const G: usize>(
+        x: &[f32],
+        y: &mut [u8],
+        fit: &[[std::arch::x86_64::__m256; 32]],
+        f: &lanes::LaneFits<32, G>,
+        k: usize,
+        weighted: bool,
+        t: &K45,
+    ) {
+        let (sc, mn, sw) = (&f.scales[8 * k..8 * k + 8], &f.mins[8 * k..8 * k + 8], &f.sw[8 * k..8 * k + 8]);
+        let (scales, d, dmin) = if weighted { scales_from_qp(sc, mn, sw, t.clamp63) } else { scales_from_max(sc, mn) };
+        let mut levels = [0u8; QK_K];
+        lanes::levels_k4(x, fit, &scales, round_f16(d), round_f16(dmin), t.nmax, &mut levels);
+        y[0..2].copy_from_slice(&f16_le(d));
+        y[2..4].copy_from_slice(&f16_le(dmin));
+        y[4..16].copy_from_slice(&scales);
+        (t.pack)(&levels, &mut y[16..t.block_bytes]);
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn pack(levels: &[u8; QK_K], qs: &mut [u8]) {
+        lanes::pack_q4(levels, qs)
+    }
+
+    const Q4: K45 = K45 { nmax: 15, search: (-1.0, 0.1, 20), clamp63: false, block_bytes: BLOCK_BYTES, pack };
+
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
-            let (f, scales, d, dmin) = match imatrix {
-                None => {
-                    let (f, _) = lanes::fit_q45k(x, None, 15, -1.0, 0.1, 20);
-                    let (scales, d, dmin) = scales_from_max(&f);
-                    (f, scales, d, dmin)
-                }
-                Some(w) => {
-                    let qw = &w[QK_K * b..QK_K * (b + 1)];
-                    let (f, sw) = lanes::fit_q45k(x, Some(qw), 15, -0.9, 0.05, 36);
-                    let (scales, d, dmin) = scales_from_qp(&f, &sw, false);
-                    (f, scales, d, dmin)
-                }
-            };
-            let mut levels = f.levels;
-            lanes::requantize_k4(x, &scales, round_f16(d), round_f16(dmin), 15, &mut levels);
-            pack_block(y, &scales, d, dmin, &levels);
-        }
+        quantize_row_k45(src, dst, imatrix, &Q4)
     }
 
     #[target_feature(enable = "avx2")]

@@ -37,12 +37,12 @@ impl BlockQuant for Q5K {
             let (f, (scales, d, dmin)) = match imatrix {
                 None => {
                     let f = fit_ref(x, 31, -0.5, 0.1, 15);
-                    let s = scales_from_max(&f);
+                    let s = scales_from_max(&f.scales, &f.mins);
                     (f, s)
                 }
                 Some(w) => {
                     let (f, sw) = fit_imatrix_ref(x, &w[QK_K * b..QK_K * (b + 1)], 31);
-                    let s = scales_from_qp(&f, &sw, true);
+                    let s = scales_from_qp(&f.scales, &f.mins, &sw, true);
                     (f, s)
                 }
             };
@@ -101,27 +101,19 @@ mod avx2 {
 
     use super::*;
     use crate::quant::kquants::lanes;
+    use crate::quant::kquants::q4_k::avx2::{quantize_row_k45, K45};
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn pack(levels: &[u8; QK_K], q: &mut [u8]) {
+        let (qh, qs) = q.split_at_mut(32);
+        lanes::pack_q5(levels, qh, qs)
+    }
+
+    const Q5: K45 = K45 { nmax: 31, search: (-0.5, 0.1, 15), clamp63: true, block_bytes: BLOCK_BYTES, pack };
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
-            let (f, (scales, d, dmin)) = match imatrix {
-                None => {
-                    let (f, _) = lanes::fit_q45k(x, None, 31, -0.5, 0.1, 15);
-                    let s = scales_from_max(&f);
-                    (f, s)
-                }
-                Some(w) => {
-                    let qw = &w[QK_K * b..QK_K * (b + 1)];
-                    let (f, sw) = lanes::fit_q45k(x, Some(qw), 31, -0.9, 0.05, 36);
-                    let s = scales_from_qp(&f, &sw, true);
-                    (f, s)
-                }
-            };
-            let mut levels = f.levels;
-            lanes::requantize_k4(x, &scales, round_f16(d), round_f16(dmin), 31, &mut levels);
-            pack_block(y, &scales, d, dmin, &levels);
-        }
+        quantize_row_k45(src, dst, imatrix, &Q5)
     }
 
     #[target_feature(enable = "avx2")]

@@ -142,22 +142,22 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
         for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
-            let (mut levels, scales) = lanes::fit_q6k(x, imatrix.map(|w| &w[QK_K * b..QK_K * (b + 1)]));
-            match quantize_scales(&scales) {
-                None => y.fill(0),
-                Some((d, sc)) => {
-                    let d16 = round_f16(d);
-                    for j in 0..16 {
-                        let dj = d16 * sc[j] as f32;
-                        if dj == 0.0 {
-                            continue;
-                        }
-                        let out = &mut *(&mut levels[16 * j..16 * j + 16] as *mut [i8] as *mut [u8]);
-                        lanes::requantize16_offset(&x[16 * j..], 0.0, dj, -32, 31, out);
-                    }
-                    pack_block(y, d, &sc, &levels);
-                }
+            let f = lanes::fit_q6k(x, imatrix.map(|w| &w[QK_K * b..QK_K * (b + 1)]));
+            let Some((d, sc)) = quantize_scales(&f.scales) else {
+                y.fill(0);
+                continue;
+            };
+            let d16 = round_f16(d);
+            let dm: [(f32, f32); 16] = std::array::from_fn(|j| (d16 * sc[j] as f32, 0.0));
+            let mut levels = [0u8; QK_K];
+            lanes::levels_16(x, &f.levels, &dm, -32, 31, &mut levels);
+            let (ql, rest) = y.split_at_mut(128);
+            let (qh, rest) = rest.split_at_mut(64);
+            lanes::pack_q6(&levels, ql, qh);
+            for (o, s) in rest[..16].iter_mut().zip(&sc) {
+                *o = *s as u8;
             }
+            rest[16..18].copy_from_slice(&f16_le(d));
         }
     }
 

@@ -86,6 +86,32 @@ mod avx2 {
 
     use super::*;
 
+    /// ggml's scan keeps the first element of largest magnitude: find the maximum magnitude
+    /// (order-independent), then the first element that has it.
+    #[inline(always)]
+    unsafe fn signed_absmax_avx2(x: &[f32]) -> (f32, f32) {
+        let sign = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_setzero_ps();
+        for k in 0..QK_K / 8 {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x.as_ptr().add(8 * k))));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+        if amax == 0.0 {
+            return (0.0, 0.0);
+        }
+        let target = _mm256_set1_ps(amax);
+        for k in 0..QK_K / 8 {
+            let v = _mm256_loadu_ps(x.as_ptr().add(8 * k));
+            let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, v), target));
+            if hit != 0 {
+                return (amax, x[8 * k + hit.trailing_zeros() as usize]);
+            }
+        }
+        unreachable!("the maximum magnitude is one of the elements")
+    }
+
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) {
         let magic = _mm256_set1_ps(12_582_912.0);
@@ -95,13 +121,14 @@ mod avx2 {
         let byte = _mm256_set1_epi32(0xFF);
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for (x, y) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
-            let (amax, max) = signed_absmax(x);
+            let (amax, max) = signed_absmax_avx2(x);
             if amax == 0.0 {
                 y.fill(0);
                 continue;
             }
             let iscale = -127.0 / max;
             let vs = _mm256_set1_ps(iscale);
+            let mut sums = [0i32; 16];
             for c in 0..8 {
                 let mut q = [_mm256_setzero_si256(); 4];
                 for (k, qk) in q.iter_mut().enumerate() {
@@ -115,8 +142,22 @@ mod avx2 {
                 let p = _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]), _mm256_packus_epi32(q[2], q[3]));
                 let p = _mm256_permutevar8x32_epi32(p, order);
                 _mm256_storeu_si256(y.as_mut_ptr().add(4 + 32 * c) as *mut __m256i, p);
+                // bsums of the two 16-element groups: sums of the stored (sign-extended) bytes.
+                let mut s8 = q;
+                for v in s8.iter_mut() {
+                    *v = _mm256_srai_epi32(_mm256_slli_epi32(*v, 24), 24);
+                }
+                let a = _mm256_add_epi32(s8[0], s8[1]);
+                let b = _mm256_add_epi32(s8[2], s8[3]);
+                let h = _mm256_hadd_epi32(a, b);
+                let h = _mm256_hadd_epi32(h, h);
+                let h = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                sums[2 * c] = _mm_cvtsi128_si32(h);
+                sums[2 * c + 1] = _mm_extract_epi32::<1>(h);
             }
-            write_bsums(y);
+            for (j, s) in sums.iter().enumerate() {
+                y[260 + 2 * j..262 + 2 * j].copy_from_slice(&(*s as i16).to_le_bytes());
+            }
             y[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
         }
     }
@@ -156,6 +197,22 @@ mod tests {
     #[test]
     fn round_trip_error() {
         rmse_within(&Q8_K_KERNELS, 0.02);
+    }
+
+    #[test]
+    fn ties_keep_the_first_largest_magnitude() {
+        // The sign of the first element of largest magnitude sets the sign of d.
+        for (first, second) in [(5usize, 200usize), (200, 5), (7, 8), (255, 0)] {
+            let mut x = crate::quant::testdata::gaussian(first as u64, 256);
+            x[first] = -3.0;
+            x[second] = 3.0;
+            let (mut a, mut b) = (vec![0u8; BLOCK_BYTES], vec![0u8; BLOCK_BYTES]);
+            Q8K::quantize_row_ref(&x, &mut a, None);
+            Q8K::quantize_row(&x, &mut b, None);
+            assert_eq!(a, b);
+            let d = f32::from_le_bytes([a[0], a[1], a[2], a[3]]);
+            assert_eq!(d > 0.0, first < second, "d = {d}");
+        }
     }
 
     #[test]
