@@ -32,13 +32,19 @@ pub(crate) fn iq1_search() -> &'static GridSearch {
 /// Indices of `xb` in ascending order of value, equal values in index order: ggml calls qsort,
 /// which in glibc is a stable merge sort for arrays this small.
 pub(crate) fn sorted_order<const N: usize>(xb: &[f32]) -> [usize; N] {
-    let mut idx: [usize; N] = std::array::from_fn(|i| i);
-    idx.sort_by(|&a, &b| {
-        xb[a]
-            .partial_cmp(&xb[b])
-            .unwrap_or(std::cmp::Ordering::Equal)
+    // Sort (order-preserving integer key of the value, index): keys are distinct, so the result is
+    // the stable order. Adding 0.0 turns -0.0 into +0.0, which compare equal in C.
+    let mut keys: [u64; N] = std::array::from_fn(|i| {
+        let bits = (xb[i] + 0.0).to_bits();
+        let key = if bits >> 31 == 1 {
+            !bits
+        } else {
+            bits | 0x8000_0000
+        };
+        ((key as u64) << 32) | i as u64
     });
-    idx
+    keys.sort_unstable();
+    keys.map(|k| (k & 0xffff_ffff) as usize)
 }
 
 #[cfg(test)]
@@ -58,7 +64,18 @@ mod tests {
 
     #[test]
     fn sort_is_stable() {
-        let x = [0.5, -1.0, 0.5, 0.0, -0.0, -1.0];
-        assert_eq!(sorted_order::<6>(&x), [1, 5, 3, 4, 0, 2]);
+        let x = [
+            0.5,
+            -1.0,
+            0.5,
+            0.0,
+            -0.0,
+            -1.0,
+            f32::MIN_POSITIVE,
+            -1e-40,
+            3e38,
+            -3e38,
+        ];
+        assert_eq!(sorted_order::<10>(&x), [9, 1, 5, 7, 3, 4, 6, 0, 2, 8]);
     }
 }

@@ -50,9 +50,10 @@ impl GridSearch {
         let mut list_start: Vec<u32> = Vec::new();
         let mut chunks: Vec<NeighbourChunk> = Vec::new();
         let mut chunk_start: Vec<u32> = Vec::new();
-        let mut dist2 = vec![0u16; points.len()];
-        // Distances between odd coordinates 1,3,5 are at most 8·4² = 128.
-        let mut count_at = [0u32; 129];
+        // Squared distances in level units: ggml's coordinates 2l+1 give 4× these, same order.
+        let mut dist2 = vec![0u8; points.len()];
+        // Coordinate-major copy of the points, so the distance loop vectorises over points.
+        let columns: [Vec<u8>; 8] = std::array::from_fn(|k| points.iter().map(|p| p[k]).collect());
         let mut list: Vec<u16> = Vec::new();
         for u in 0..MAP_SIZE {
             let levels: [u8; 8] = std::array::from_fn(|k| ((u >> (2 * k)) & 3) as u8);
@@ -60,37 +61,31 @@ impl GridSearch {
             if map[u] >= 0 || levels.iter().any(|&l| l > 2) {
                 continue;
             }
-            count_at.fill(0);
-            for (d, p) in dist2.iter_mut().zip(&points) {
-                let mut s = 0u16;
-                for k in 0..8 {
-                    // Coordinates are 2l+1, so their difference is twice the level difference.
-                    let diff = 2 * (p[k] as i16 - levels[k] as i16);
-                    s += (diff * diff) as u16;
+            dist2.fill(0);
+            for (column, &l) in columns.iter().zip(&levels) {
+                for (d, &p) in dist2.iter_mut().zip(column) {
+                    let diff = p.abs_diff(l);
+                    *d += diff * diff;
                 }
-                *d = s;
-                count_at[s as usize] += 1;
             }
-            // The nwant smallest distinct distances, nearest first; ggml's qsort on (d2, index)
-            // lists exactly these points, ordered by distance and then index.
-            list.clear();
-            let mut have = 0;
-            for (d, &c) in count_at.iter().enumerate() {
-                if c == 0 {
-                    continue;
-                }
-                list.extend(
-                    dist2
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, &x)| x as usize == d)
-                        .map(|(j, _)| j as u16),
-                );
-                have += 1;
-                if have == nwant {
+            // The nwant smallest distinct distances; ggml's qsort on (d2, index) lists exactly the
+            // points within them, ordered by distance and then index.
+            let (mut threshold, mut lowest) = (0u8, 0u8);
+            for _ in 0..nwant {
+                let next = dist2
+                    .iter()
+                    .map(|&d| if d >= lowest { d } else { u8::MAX })
+                    .min()
+                    .unwrap_or(u8::MAX);
+                if next == u8::MAX {
                     break;
                 }
+                threshold = next;
+                lowest = next + 1;
             }
+            list.clear();
+            list.extend((0..dist2.len() as u16).filter(|&j| dist2[j as usize] <= threshold));
+            list.sort_by_key(|&j| dist2[j as usize]);
             map[u] = -(list_start.len() as i32 + 1);
             list_start.push(neighbours.len() as u32);
             neighbours.extend_from_slice(&list);
