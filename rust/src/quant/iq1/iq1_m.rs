@@ -3,7 +3,7 @@
 //! 16, and the f16 super-scale spread over their top nibbles) = 56 bytes.
 //! Weight j of a group is d·(2s+1)·(grid[j] ± 1/8). llama.cpp does not require an imatrix here.
 
-use super::{iq1_search, sorted_order, X_M, X_P};
+use super::{iq1_search, sorted_order, SplitChoice, X_M, X_P};
 use crate::quant::iq2::{c_max, f16_bits, f16_value, nearest_int, pattern, GridSearch};
 use crate::quant::iq_tables::IQ1S_GRID;
 use crate::quant::{kernels_of, BlockQuant, Kernels};
@@ -149,11 +149,7 @@ const CM2: f32 = X_M[1] * X_M[1] - X_M[2] * X_M[2];
 /// the four shift choices k (0: +,+  1: +,−  2: −,+  3: −,−) combine the halves. Returns the best
 /// (i1, i2, k) by ggml's running comparison, and its scale.
 fn best_split_ref(p: &HalfPrefix, max: f32) -> (Option<(usize, usize, usize)>, f32) {
-    let mut choice = SplitChoice {
-        best_score: -f32::MAX,
-        scale: max,
-        best: None,
-    };
+    let mut choice = SplitChoice::new(max);
     let txs = [p.px[0][BLOCK], p.px[1][BLOCK]];
     let tws = [p.pw[0][BLOCK], p.pw[1][BLOCK]];
     let (p2, m2) = (X_P[2], X_M[2]);
@@ -195,24 +191,6 @@ fn best_split_fast(p: &HalfPrefix, max: f32) -> (Option<(usize, usize, usize)>, 
         return unsafe { avx2::best_split(p, max) };
     }
     best_split_ref(p, max)
-}
-
-/// ggml's running choice: a candidate wins when sumqx² > best·sumq2 (strictly).
-struct SplitChoice {
-    best_score: f32,
-    scale: f32,
-    best: Option<(usize, usize, usize)>,
-}
-
-impl SplitChoice {
-    #[inline(always)]
-    fn consider(&mut self, sumqx: f32, sumq2: f32, candidate: (usize, usize, usize)) {
-        if sumq2 > 0.0 && sumqx * sumqx > self.best_score * sumq2 {
-            self.scale = sumqx / sumq2;
-            self.best_score = self.scale * sumqx;
-            self.best = Some(candidate);
-        }
-    }
 }
 
 /// Level values of group k (0 or 1) under ggml's shift choice.
@@ -382,6 +360,7 @@ mod avx2 {
         scale_words, super_scale, HalfPrefix, SplitChoice, BLOCK, BLOCK_BYTES, CM1, CM2, CP1, CP2,
         IQ1S_GRID, QK_K, X_M, X_P,
     };
+    use crate::quant::iq1::avx2_split::choose;
     use crate::quant::iq2::avx2_util::grid_row_signed;
 
     /// `best_split_ref` with 8 values of i2 per register, each lane computing the reference's
@@ -393,11 +372,7 @@ mod avx2 {
         p: &HalfPrefix,
         max: f32,
     ) -> (Option<(usize, usize, usize)>, f32) {
-        let mut choice = SplitChoice {
-            best_score: -f32::MAX,
-            scale: max,
-            best: None,
-        };
+        let mut choice = SplitChoice::new(max);
         let mut px = [[0f32; BLOCK + 1 + 8]; 2];
         let mut pw = [[0f32; BLOCK + 1 + 8]; 2];
         for h in 0..2 {
@@ -408,7 +383,6 @@ mod avx2 {
         let tws = [p.pw[0][BLOCK], p.pw[1][BLOCK]];
         let (p2, m2) = (X_P[2], X_M[2]);
         let (cp2, cm2) = (_mm256_set1_ps(CP2), _mm256_set1_ps(CM2));
-        let (mut qx, mut q2) = ([[0f32; 8]; 4], [[0f32; 8]; 4]);
         for i1 in 0..=BLOCK {
             // Per half: the i1-only parts, in the reference's order of operations.
             let x1 = [0, 1].map(|h| _mm256_set1_ps(p.px[h][i1]));
@@ -440,27 +414,9 @@ mod avx2 {
                     _mm256_add_ps(q2_m[0], q2_p[1]),
                     _mm256_add_ps(q2_m[0], q2_m[1]),
                 ];
-                let best = _mm256_set1_ps(choice.best_score);
-                let mut wins = 0;
-                for k in 0..4 {
-                    let win = _mm256_and_ps(
-                        _mm256_cmp_ps::<_CMP_GT_OQ>(sumq2[k], _mm256_setzero_ps()),
-                        _mm256_cmp_ps::<_CMP_GT_OQ>(
-                            _mm256_mul_ps(sumqx[k], sumqx[k]),
-                            _mm256_mul_ps(best, sumq2[k]),
-                        ),
-                    );
-                    wins |= _mm256_movemask_ps(win);
-                    _mm256_storeu_ps(qx[k].as_mut_ptr(), sumqx[k]);
-                    _mm256_storeu_ps(q2[k].as_mut_ptr(), sumq2[k]);
-                }
-                if wins & ((1 << lanes) - 1) != 0 {
-                    for lane in 0..lanes {
-                        for k in 0..4 {
-                            choice.consider(qx[k][lane], q2[k][lane], (i1, i2 + lane, k));
-                        }
-                    }
-                }
+                choose(&sumqx, &sumq2, lanes, &mut choice, |lane, k| {
+                    (i1, i2 + lane, k)
+                });
             }
         }
         (choice.best, choice.scale)

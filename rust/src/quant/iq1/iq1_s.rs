@@ -2,7 +2,7 @@
 //! qh[8] (u16 per 32: three 3-bit index highs, a 3-bit scale s, the shift sign) = 50 bytes.
 //! Weight j of a group is d·(2s+1)·(grid[j] ± 1/8).
 
-use super::{iq1_search, sorted_order, X_M, X_P};
+use super::{iq1_search, sorted_order, SplitChoice, X_M, X_P};
 use crate::quant::iq2::{c_max, f16_bits, f16_value, nearest_int, pattern, GridSearch};
 use crate::quant::iq_tables::IQ1S_GRID;
 use crate::quant::{kernels_of, BlockQuant, Kernels};
@@ -73,28 +73,6 @@ fn quantize_row<const FAST: bool>(src: &[f32], dst: &mut [u8], imatrix: Option<&
     }
 }
 
-/// ggml's running choice of split: a candidate wins when sumqx² > best·sumq2 (strictly).
-struct SplitChoice {
-    best_score: f32,
-    scale: f32,
-    best: Option<(usize, usize, i8)>,
-}
-
-impl SplitChoice {
-    #[inline(always)]
-    fn consider(&mut self, sumqx: f32, sumq2: f32, candidate: (usize, usize, i8)) {
-        if sumq2 > 0.0 && sumqx * sumqx > self.best_score * sumq2 {
-            self.scale = sumqx / sumq2;
-            self.best_score = self.scale * sumqx;
-            self.best = Some(candidate);
-        }
-    }
-
-    fn result(self) -> Option<(usize, usize, i8, f32)> {
-        self.best.map(|(i1, i2, shift)| (i1, i2, shift, self.scale))
-    }
-}
-
 /// The best split of a sorted block into levels 0/1/2 and its shift, by ggml's exhaustive search
 /// over the two boundaries: (i1, i2, shift, scale), or None when no split has a positive q².
 fn best_split_ref(
@@ -102,11 +80,7 @@ fn best_split_ref(
     sumw: &[f32; BLOCK + 1],
     max: f32,
 ) -> Option<(usize, usize, i8, f32)> {
-    let mut choice = SplitChoice {
-        best_score: -f32::MAX,
-        scale: max,
-        best: None,
-    };
+    let mut choice = SplitChoice::new(max);
     let n = BLOCK;
     for i1 in 0..=n {
         for i2 in i1..=n {
@@ -121,7 +95,9 @@ fn best_split_ref(
             }
         }
     }
-    choice.result()
+    choice
+        .best
+        .map(|(i1, i2, shift)| (i1, i2, shift, choice.scale))
 }
 
 fn best_split_fast(
@@ -264,6 +240,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{f16_value, SplitChoice, BLOCK, BLOCK_BYTES, IQ1S_GRID, QK_K, X_M, X_P};
+    use crate::quant::iq1::avx2_split::choose;
     use crate::quant::iq2::avx2_util::grid_row_signed;
 
     /// `best_split_ref` with 8 values of i2 per register. Every lane computes its sums with the
@@ -281,13 +258,8 @@ mod avx2 {
         let mut pw = [0f32; BLOCK + 1 + 8];
         px[..=n].copy_from_slice(sumx);
         pw[..=n].copy_from_slice(sumw);
-        let mut choice = SplitChoice {
-            best_score: -f32::MAX,
-            scale: max,
-            best: None,
-        };
+        let mut choice = SplitChoice::new(max);
         let shifts = [(&X_P, 1i8), (&X_M, -1i8)];
-        let (mut qx, mut q2) = ([[0f32; 8]; 2], [[0f32; 8]; 2]);
         for i1 in 0..=n {
             let ax = _mm256_set1_ps(sumx[i1] - sumx[0]);
             let aw = _mm256_set1_ps(sumw[i1] - sumw[0]);
@@ -299,42 +271,29 @@ mod avx2 {
                 let w2 = _mm256_loadu_ps(pw.as_ptr().add(i2));
                 let (bx, cx) = (_mm256_sub_ps(x2, x1), _mm256_sub_ps(xn, x2));
                 let (bw, cw) = (_mm256_sub_ps(w2, w1), _mm256_sub_ps(wn, w2));
-                let best = _mm256_set1_ps(choice.best_score);
-                let mut wins = 0;
+                let (mut qx, mut q2) = ([bx; 2], [bx; 2]);
                 for (s, (xs, _)) in shifts.iter().enumerate() {
                     let v = xs.map(|c| _mm256_set1_ps(c));
-                    let sumqx = _mm256_add_ps(
+                    qx[s] = _mm256_add_ps(
                         _mm256_add_ps(_mm256_mul_ps(ax, v[0]), _mm256_mul_ps(bx, v[1])),
                         _mm256_mul_ps(cx, v[2]),
                     );
-                    let sumq2 = _mm256_add_ps(
+                    q2[s] = _mm256_add_ps(
                         _mm256_add_ps(
                             _mm256_mul_ps(_mm256_mul_ps(aw, v[0]), v[0]),
                             _mm256_mul_ps(_mm256_mul_ps(bw, v[1]), v[1]),
                         ),
                         _mm256_mul_ps(_mm256_mul_ps(cw, v[2]), v[2]),
                     );
-                    let win = _mm256_and_ps(
-                        _mm256_cmp_ps::<_CMP_GT_OQ>(sumq2, _mm256_setzero_ps()),
-                        _mm256_cmp_ps::<_CMP_GT_OQ>(
-                            _mm256_mul_ps(sumqx, sumqx),
-                            _mm256_mul_ps(best, sumq2),
-                        ),
-                    );
-                    wins |= _mm256_movemask_ps(win);
-                    _mm256_storeu_ps(qx[s].as_mut_ptr(), sumqx);
-                    _mm256_storeu_ps(q2[s].as_mut_ptr(), sumq2);
                 }
-                if wins & ((1 << lanes) - 1) != 0 {
-                    for lane in 0..lanes {
-                        for (s, &(_, shift)) in shifts.iter().enumerate() {
-                            choice.consider(qx[s][lane], q2[s][lane], (i1, i2 + lane, shift));
-                        }
-                    }
-                }
+                choose(&qx, &q2, lanes, &mut choice, |lane, s| {
+                    (i1, i2 + lane, shifts[s].1)
+                });
             }
         }
-        choice.result()
+        choice
+            .best
+            .map(|(i1, i2, shift)| (i1, i2, shift, choice.scale))
     }
 
     #[target_feature(enable = "avx2")]

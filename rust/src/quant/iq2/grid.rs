@@ -9,15 +9,12 @@
 /// ggml's kmap_size: patterns are 8 two-bit fields, the largest reachable one is 0xAAAA.
 const MAP_SIZE: usize = 43692;
 
-/// Eight neighbours of one list, their levels transposed for the AVX2 search.
+/// Eight neighbours of one list for the AVX2 search: per lane, the neighbour's levels packed
+/// 3 bits per coordinate (coordinate i at bit 3i, plus 4 for i >= 4: coordinates i and i+4 share
+/// one term table, in its low and high half). Lanes past the list's end repeat its last entry.
 #[derive(Clone, Copy)]
-pub(crate) struct NeighbourChunk {
-    /// `levels[8*i + lane]`: level (0..=2) of coordinate i of neighbour `lane`, plus 4 for i >= 4
-    /// (coordinates i and i+4 share one term table, in its low and high half).
-    levels: [u8; 64],
-    /// Grid index of each lane; lanes past the list's end repeat its last entry (never chosen).
-    index: [u16; 8],
-}
+#[repr(align(32))]
+pub(crate) struct NeighbourChunk([u32; 8]);
 
 pub(crate) struct GridSearch {
     /// Grid points as their 8 levels l in 0..=2 (ggml stores 2l+1).
@@ -52,8 +49,16 @@ impl GridSearch {
         let mut chunk_start: Vec<u32> = Vec::new();
         // Squared distances in level units: ggml's coordinates 2l+1 give 4× these, same order.
         let mut dist2 = vec![0u8; points.len()];
-        // Coordinate-major copy of the points, so the distance loop vectorises over points.
-        let columns: [Vec<u8>; 8] = std::array::from_fn(|k| points.iter().map(|p| p[k]).collect());
+        // Per coordinate and pattern level, every point's squared level difference
+        // (coordinate-major, so the distance sum vectorises over points).
+        let squares: [[Vec<u8>; 3]; 8] = std::array::from_fn(|k| {
+            std::array::from_fn(|l| {
+                points
+                    .iter()
+                    .map(|p| p[k].abs_diff(l as u8).pow(2))
+                    .collect()
+            })
+        });
         let mut list: Vec<u16> = Vec::new();
         for u in 0..MAP_SIZE {
             let levels: [u8; 8] = std::array::from_fn(|k| ((u >> (2 * k)) & 3) as u8);
@@ -61,11 +66,10 @@ impl GridSearch {
             if map[u] >= 0 || levels.iter().any(|&l| l > 2) {
                 continue;
             }
-            dist2.fill(0);
-            for (column, &l) in columns.iter().zip(&levels) {
-                for (d, &p) in dist2.iter_mut().zip(column) {
-                    let diff = p.abs_diff(l);
-                    *d += diff * diff;
+            dist2.copy_from_slice(&squares[0][levels[0] as usize]);
+            for k in 1..8 {
+                for (d, &sq) in dist2.iter_mut().zip(&squares[k][levels[k] as usize]) {
+                    *d += sq;
                 }
             }
             // The nwant smallest distinct distances; ggml's qsort on (d2, index) lists exactly the
@@ -91,18 +95,12 @@ impl GridSearch {
             neighbours.extend_from_slice(&list);
             chunk_start.push(chunks.len() as u32);
             for part in list.chunks(8) {
-                let mut c = NeighbourChunk {
-                    levels: [0; 64],
-                    index: [0; 8],
-                };
-                for lane in 0..8 {
-                    let j = part[lane.min(part.len() - 1)];
-                    c.index[lane] = j;
-                    for i in 0..8 {
-                        c.levels[8 * i + lane] = points[j as usize][i] + if i >= 4 { 4 } else { 0 };
-                    }
-                }
-                chunks.push(c);
+                chunks.push(NeighbourChunk(std::array::from_fn(|lane| {
+                    let p = &points[part[lane.min(part.len() - 1)] as usize];
+                    (0..8).fold(0u32, |acc, i| {
+                        acc | ((p[i] as u32 + if i >= 4 { 4 } else { 0 }) << (3 * i))
+                    })
+                })));
             }
         }
         // One past the last list, so each list's range is two consecutive entries.
@@ -224,17 +222,43 @@ impl GridSearch {
             _mm256_shuffle_ps::<0b01_00_01_00>(t01_hi, t22_hi),
             _mm256_shuffle_ps::<0b11_10_11_10>(t01_hi, t22_hi),
         ];
+        let list = &self.neighbours[self.list_start[off.0] as usize..];
         let mut best_d2 = f32::MAX;
-        let mut best = chunks[0].index[0];
+        let mut best = list[0];
         let mut d2 = [0f32; 8];
         for (ci, c) in chunks.iter().enumerate() {
-            let mut acc = _mm256_setzero_ps();
-            for i in 0..8 {
-                let lv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                    c.levels.as_ptr().add(8 * i) as *const __m128i
-                ));
-                acc = _mm256_add_ps(acc, _mm256_permutevar8x32_ps(tab[i & 3], lv));
-            }
+            let packed = _mm256_load_si256(c.0.as_ptr() as *const __m256i);
+            // vpermps reads only the low 3 bits of each index: coordinate i's level(+4) at bit 3i.
+            let mut acc = _mm256_permutevar8x32_ps(tab[0], packed);
+            acc = _mm256_add_ps(_mm256_setzero_ps(), acc);
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[1], _mm256_srli_epi32::<3>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[2], _mm256_srli_epi32::<6>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[3], _mm256_srli_epi32::<9>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[0], _mm256_srli_epi32::<12>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[1], _mm256_srli_epi32::<15>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[2], _mm256_srli_epi32::<18>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[3], _mm256_srli_epi32::<21>(packed)),
+            );
             let below =
                 _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(acc, _mm256_set1_ps(best_d2)));
             if below != 0 {
@@ -243,7 +267,7 @@ impl GridSearch {
                 for lane in 0..lanes {
                     if d2[lane] < best_d2 {
                         best_d2 = d2[lane];
-                        best = c.index[lane];
+                        best = list[8 * ci + lane];
                     }
                 }
             }
