@@ -3,7 +3,7 @@
 //! 16, and the f16 super-scale spread over their top nibbles) = 56 bytes.
 //! Weight j of a group is d·(2s+1)·(grid[j] ± 1/8). llama.cpp does not require an imatrix here.
 
-use super::{iq1_search, sorted_order, X_M, X_P};
+use super::{iq1_search, sorted_order, SplitChoice, X_M, X_P};
 use crate::quant::iq2::{c_max, f16_bits, f16_value, nearest_int, pattern, GridSearch};
 use crate::quant::iq_tables::IQ1S_GRID;
 use crate::quant::{kernels_of, BlockQuant, Kernels};
@@ -149,7 +149,7 @@ const CM2: f32 = X_M[1] * X_M[1] - X_M[2] * X_M[2];
 /// the four shift choices k (0: +,+  1: +,−  2: −,+  3: −,−) combine the halves. Returns the best
 /// (i1, i2, k) by ggml's running comparison, and its scale.
 fn best_split_ref(p: &HalfPrefix, max: f32) -> (Option<(usize, usize, usize)>, f32) {
-    let (mut best_score, mut scale, mut best) = (-f32::MAX, max, None);
+    let mut choice = SplitChoice::new(max);
     let txs = [p.px[0][BLOCK], p.px[1][BLOCK]];
     let tws = [p.pw[0][BLOCK], p.pw[1][BLOCK]];
     let (p2, m2) = (X_P[2], X_M[2]);
@@ -177,15 +177,20 @@ fn best_split_ref(p: &HalfPrefix, max: f32) -> (Option<(usize, usize, usize)>, f
                 q2_m[0] + q2_m[1],
             ];
             for k in 0..4 {
-                if sumq2[k] > 0.0 && sumqx[k] * sumqx[k] > best_score * sumq2[k] {
-                    scale = sumqx[k] / sumq2[k];
-                    best_score = scale * sumqx[k];
-                    best = Some((i1, i2, k));
-                }
+                choice.consider(sumqx[k], sumq2[k], (i1, i2, k));
             }
         }
     }
-    (best, scale)
+    (choice.best, choice.scale)
+}
+
+fn best_split_fast(p: &HalfPrefix, max: f32) -> (Option<(usize, usize, usize)>, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::cpu::has_avx2() {
+        // Safety: AVX2 is present.
+        return unsafe { avx2::best_split(p, max) };
+    }
+    best_split_ref(p, max)
 }
 
 /// Level values of group k (0 or 1) under ggml's shift choice.
@@ -237,7 +242,12 @@ fn quantize_block<const FAST: bool>(
             continue;
         }
         let order = sorted_order::<BLOCK>(xb);
-        let (best, mut scale) = best_split_ref(&half_prefix(&order, xb, &weight), max);
+        let prefix = half_prefix(&order, xb, &weight);
+        let (best, mut scale) = if FAST {
+            best_split_fast(&prefix, max)
+        } else {
+            best_split_ref(&prefix, max)
+        };
         let Some((i1, i2, mut choice)) = best else {
             scales[ib] = 0.0;
             shifts[ib] = 0;
@@ -346,8 +356,71 @@ fn quantize_block<const FAST: bool>(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{scale_words, super_scale, BLOCK_BYTES, IQ1S_GRID, QK_K, X_P};
+    use super::{
+        scale_words, super_scale, HalfPrefix, SplitChoice, BLOCK, BLOCK_BYTES, CM1, CM2, CP1, CP2,
+        IQ1S_GRID, QK_K, X_M, X_P,
+    };
+    use crate::quant::iq1::avx2_split::choose;
     use crate::quant::iq2::avx2_util::grid_row_signed;
+
+    /// `best_split_ref` with 8 values of i2 per register, each lane computing the reference's
+    /// sums with the same operations; a register whose 32 candidates all fail against the current
+    /// best is skipped (one by one they would fail too), otherwise its candidates go through the
+    /// reference comparison in order.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn best_split(
+        p: &HalfPrefix,
+        max: f32,
+    ) -> (Option<(usize, usize, usize)>, f32) {
+        let mut choice = SplitChoice::new(max);
+        let mut px = [[0f32; BLOCK + 1 + 8]; 2];
+        let mut pw = [[0f32; BLOCK + 1 + 8]; 2];
+        for h in 0..2 {
+            px[h][..=BLOCK].copy_from_slice(&p.px[h]);
+            pw[h][..=BLOCK].copy_from_slice(&p.pw[h]);
+        }
+        let txs = [p.px[0][BLOCK], p.px[1][BLOCK]];
+        let tws = [p.pw[0][BLOCK], p.pw[1][BLOCK]];
+        let (p2, m2) = (X_P[2], X_M[2]);
+        let (cp2, cm2) = (_mm256_set1_ps(CP2), _mm256_set1_ps(CM2));
+        for i1 in 0..=BLOCK {
+            // Per half: the i1-only parts, in the reference's order of operations.
+            let x1 = [0, 1].map(|h| _mm256_set1_ps(p.px[h][i1]));
+            let tp = [0, 1].map(|h| _mm256_set1_ps(txs[h] * p2));
+            let tm = [0, 1].map(|h| _mm256_set1_ps(txs[h] * m2));
+            let wp = [0, 1].map(|h| _mm256_set1_ps(tws[h] * p2 * p2 + p.pw[h][i1] * CP1));
+            let wm = [0, 1].map(|h| _mm256_set1_ps(tws[h] * m2 * m2 + p.pw[h][i1] * CM1));
+            for i2 in (i1..=BLOCK).step_by(8) {
+                let lanes = (BLOCK + 1 - i2).min(8);
+                let (mut qx_p, mut qx_m, mut q2_p, mut q2_m) =
+                    ([tp[0]; 2], [tp[0]; 2], [tp[0]; 2], [tp[0]; 2]);
+                for h in 0..2 {
+                    let sx = _mm256_add_ps(x1[h], _mm256_loadu_ps(px[h].as_ptr().add(i2)));
+                    let w2 = _mm256_loadu_ps(pw[h].as_ptr().add(i2));
+                    qx_p[h] = _mm256_sub_ps(tp[h], sx);
+                    qx_m[h] = _mm256_sub_ps(tm[h], sx);
+                    q2_p[h] = _mm256_add_ps(wp[h], _mm256_mul_ps(w2, cp2));
+                    q2_m[h] = _mm256_add_ps(wm[h], _mm256_mul_ps(w2, cm2));
+                }
+                let sumqx = [
+                    _mm256_add_ps(qx_p[0], qx_p[1]),
+                    _mm256_add_ps(qx_p[0], qx_m[1]),
+                    _mm256_add_ps(qx_m[0], qx_p[1]),
+                    _mm256_add_ps(qx_m[0], qx_m[1]),
+                ];
+                let sumq2 = [
+                    _mm256_add_ps(q2_p[0], q2_p[1]),
+                    _mm256_add_ps(q2_p[0], q2_m[1]),
+                    _mm256_add_ps(q2_m[0], q2_p[1]),
+                    _mm256_add_ps(q2_m[0], q2_m[1]),
+                ];
+                choose(&sumqx, &sumq2, lanes, &mut choice, |lane, k| {
+                    (i1, i2 + lane, k)
+                });
+            }
+        }
+        (choice.best, choice.scale)
+    }
 
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn dequantize_row(src: &[u8], dst: &mut [f32]) {

@@ -2,7 +2,7 @@
 //! qh[8] (u16 per 32: three 3-bit index highs, a 3-bit scale s, the shift sign) = 50 bytes.
 //! Weight j of a group is d·(2s+1)·(grid[j] ± 1/8).
 
-use super::{iq1_search, sorted_order, X_M, X_P};
+use super::{iq1_search, sorted_order, SplitChoice, X_M, X_P};
 use crate::quant::iq2::{c_max, f16_bits, f16_value, nearest_int, pattern, GridSearch};
 use crate::quant::iq_tables::IQ1S_GRID;
 use crate::quant::{kernels_of, BlockQuant, Kernels};
@@ -75,14 +75,12 @@ fn quantize_row<const FAST: bool>(src: &[f32], dst: &mut [u8], imatrix: Option<&
 
 /// The best split of a sorted block into levels 0/1/2 and its shift, by ggml's exhaustive search
 /// over the two boundaries: (i1, i2, shift, scale), or None when no split has a positive q².
-fn best_split(
+fn best_split_ref(
     sumx: &[f32; BLOCK + 1],
     sumw: &[f32; BLOCK + 1],
     max: f32,
 ) -> Option<(usize, usize, i8, f32)> {
-    let mut best_score = -f32::MAX;
-    let mut scale = max;
-    let mut best = None;
+    let mut choice = SplitChoice::new(max);
     let n = BLOCK;
     for i1 in 0..=n {
         for i2 in i1..=n {
@@ -93,15 +91,26 @@ fn best_split(
                 let sumq2 = (sumw[i1] - sumw[0]) * xs[0] * xs[0]
                     + (sumw[i2] - sumw[i1]) * xs[1] * xs[1]
                     + (sumw[n] - sumw[i2]) * xs[2] * xs[2];
-                if sumq2 > 0.0 && sumqx * sumqx > best_score * sumq2 {
-                    scale = sumqx / sumq2;
-                    best_score = scale * sumqx;
-                    best = Some((i1, i2, shift));
-                }
+                choice.consider(sumqx, sumq2, (i1, i2, shift));
             }
         }
     }
-    best.map(|(i1, i2, shift)| (i1, i2, shift, scale))
+    choice
+        .best
+        .map(|(i1, i2, shift)| (i1, i2, shift, choice.scale))
+}
+
+fn best_split_fast(
+    sumx: &[f32; BLOCK + 1],
+    sumw: &[f32; BLOCK + 1],
+    max: f32,
+) -> Option<(usize, usize, i8, f32)> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::cpu::has_avx2() {
+        // Safety: AVX2 is present.
+        return unsafe { avx2::best_split(sumx, sumw, max) };
+    }
+    best_split_ref(sumx, sumw, max)
 }
 
 fn quantize_block<const FAST: bool>(
@@ -143,7 +152,12 @@ fn quantize_block<const FAST: bool>(
             sumx[j + 1] = sumx[j] + weight[i] * xb[i];
             sumw[j + 1] = sumw[j] + weight[i];
         }
-        let Some((i1, i2, mut shift, mut scale)) = best_split(&sumx, &sumw, max) else {
+        let split = if FAST {
+            best_split_fast(&sumx, &sumw, max)
+        } else {
+            best_split_ref(&sumx, &sumw, max)
+        };
+        let Some((i1, i2, mut shift, mut scale)) = split else {
             scales[ib] = 0.0;
             shifts[ib] = 1;
             continue;
@@ -225,8 +239,62 @@ fn quantize_block<const FAST: bool>(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{f16_value, BLOCK_BYTES, IQ1S_GRID, QK_K, X_P};
+    use super::{f16_value, SplitChoice, BLOCK, BLOCK_BYTES, IQ1S_GRID, QK_K, X_M, X_P};
+    use crate::quant::iq1::avx2_split::choose;
     use crate::quant::iq2::avx2_util::grid_row_signed;
+
+    /// `best_split_ref` with 8 values of i2 per register. Every lane computes its sums with the
+    /// reference's operations; a register whose candidates all fail against the current best is
+    /// skipped (they would fail one by one too, the best being unchanged), otherwise its lanes
+    /// go through the reference comparison in order.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn best_split(
+        sumx: &[f32; BLOCK + 1],
+        sumw: &[f32; BLOCK + 1],
+        max: f32,
+    ) -> Option<(usize, usize, i8, f32)> {
+        let n = BLOCK;
+        let mut px = [0f32; BLOCK + 1 + 8];
+        let mut pw = [0f32; BLOCK + 1 + 8];
+        px[..=n].copy_from_slice(sumx);
+        pw[..=n].copy_from_slice(sumw);
+        let mut choice = SplitChoice::new(max);
+        let shifts = [(&X_P, 1i8), (&X_M, -1i8)];
+        for i1 in 0..=n {
+            let ax = _mm256_set1_ps(sumx[i1] - sumx[0]);
+            let aw = _mm256_set1_ps(sumw[i1] - sumw[0]);
+            let (x1, w1) = (_mm256_set1_ps(sumx[i1]), _mm256_set1_ps(sumw[i1]));
+            let (xn, wn) = (_mm256_set1_ps(sumx[n]), _mm256_set1_ps(sumw[n]));
+            for i2 in (i1..=n).step_by(8) {
+                let lanes = (n + 1 - i2).min(8);
+                let x2 = _mm256_loadu_ps(px.as_ptr().add(i2));
+                let w2 = _mm256_loadu_ps(pw.as_ptr().add(i2));
+                let (bx, cx) = (_mm256_sub_ps(x2, x1), _mm256_sub_ps(xn, x2));
+                let (bw, cw) = (_mm256_sub_ps(w2, w1), _mm256_sub_ps(wn, w2));
+                let (mut qx, mut q2) = ([bx; 2], [bx; 2]);
+                for (s, (xs, _)) in shifts.iter().enumerate() {
+                    let v = xs.map(|c| _mm256_set1_ps(c));
+                    qx[s] = _mm256_add_ps(
+                        _mm256_add_ps(_mm256_mul_ps(ax, v[0]), _mm256_mul_ps(bx, v[1])),
+                        _mm256_mul_ps(cx, v[2]),
+                    );
+                    q2[s] = _mm256_add_ps(
+                        _mm256_add_ps(
+                            _mm256_mul_ps(_mm256_mul_ps(aw, v[0]), v[0]),
+                            _mm256_mul_ps(_mm256_mul_ps(bw, v[1]), v[1]),
+                        ),
+                        _mm256_mul_ps(_mm256_mul_ps(cw, v[2]), v[2]),
+                    );
+                }
+                choose(&qx, &q2, lanes, &mut choice, |lane, s| {
+                    (i1, i2 + lane, shifts[s].1)
+                });
+            }
+        }
+        choice
+            .best
+            .map(|(i1, i2, shift)| (i1, i2, shift, choice.scale))
+    }
 
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn dequantize_row(src: &[u8], dst: &mut [f32]) {

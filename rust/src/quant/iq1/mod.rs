@@ -32,13 +32,129 @@ pub(crate) fn iq1_search() -> &'static GridSearch {
 /// Indices of `xb` in ascending order of value, equal values in index order: ggml calls qsort,
 /// which in glibc is a stable merge sort for arrays this small.
 pub(crate) fn sorted_order<const N: usize>(xb: &[f32]) -> [usize; N] {
-    let mut idx: [usize; N] = std::array::from_fn(|i| i);
-    idx.sort_by(|&a, &b| {
-        xb[a]
-            .partial_cmp(&xb[b])
-            .unwrap_or(std::cmp::Ordering::Equal)
+    // Sort (order-preserving integer key of the value, index): keys are distinct, so the result is
+    // the stable order. Adding 0.0 turns -0.0 into +0.0, which compare equal in C.
+    let mut keys: [u64; N] = std::array::from_fn(|i| {
+        let bits = (xb[i] + 0.0).to_bits();
+        let key = if bits >> 31 == 1 {
+            !bits
+        } else {
+            bits | 0x8000_0000
+        };
+        ((key as u64) << 32) | i as u64
     });
-    idx
+    keys.sort_unstable();
+    keys.map(|k| (k & 0xffff_ffff) as usize)
+}
+
+/// AVX2 helpers for the boundary searches, which score 8 splits per register.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2_split {
+    use std::arch::x86_64::*;
+
+    /// `SPREAD[K][m]`: bit l of m moved to bit K·l (K = 2 or 4), to order candidates lane-major.
+    const fn spread_table(k: u32) -> [u32; 256] {
+        let mut t = [0u32; 256];
+        let mut m = 0;
+        while m < 256 {
+            let mut l = 0;
+            while l < 8 {
+                if m & (1 << l) != 0 {
+                    t[m] |= 1 << (k * l);
+                }
+                l += 1;
+            }
+            m += 1;
+        }
+        t
+    }
+    static SPREAD2: [u32; 256] = spread_table(2);
+    static SPREAD4: [u32; 256] = spread_table(4);
+
+    /// Which of the K×8 candidates (bit K·lane + k) beat `best` by ggml's test
+    /// sumq2 > 0 && sumqx² > best·sumq2, computed with the same operations.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn winners<const K: usize>(
+        sumqx: &[__m256; K],
+        sumq2: &[__m256; K],
+        best: f32,
+    ) -> u32 {
+        let b = _mm256_set1_ps(best);
+        let mut mask = 0u32;
+        for k in 0..K {
+            let win = _mm256_and_ps(
+                _mm256_cmp_ps::<_CMP_GT_OQ>(sumq2[k], _mm256_setzero_ps()),
+                _mm256_cmp_ps::<_CMP_GT_OQ>(
+                    _mm256_mul_ps(sumqx[k], sumqx[k]),
+                    _mm256_mul_ps(b, sumq2[k]),
+                ),
+            );
+            let m = _mm256_movemask_ps(win) as usize;
+            mask |= if K == 2 { SPREAD2[m] } else { SPREAD4[m] } << k;
+        }
+        mask
+    }
+
+    /// Runs ggml's sequential choice over one register of candidates: only those that beat the
+    /// best of their moment are visited, in order; the others would have failed one by one too.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn choose<const K: usize, C>(
+        sumqx: &[__m256; K],
+        sumq2: &[__m256; K],
+        lanes: usize,
+        choice: &mut super::SplitChoice<C>,
+        candidate: impl Fn(usize, usize) -> C,
+    ) {
+        let valid = if lanes * K >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << (lanes * K)) - 1
+        };
+        let mut mask = winners(sumqx, sumq2, choice.best_score) & valid;
+        if mask == 0 {
+            return;
+        }
+        let (mut qx, mut q2) = ([[0f32; 8]; K], [[0f32; 8]; K]);
+        for k in 0..K {
+            _mm256_storeu_ps(qx[k].as_mut_ptr(), sumqx[k]);
+            _mm256_storeu_ps(q2[k].as_mut_ptr(), sumq2[k]);
+        }
+        while mask != 0 {
+            let c = mask.trailing_zeros() as usize;
+            let (lane, k) = (c / K, c % K);
+            choice.consider(qx[k][lane], q2[k][lane], candidate(lane, k));
+            let later = if c + 1 >= 32 { 0 } else { u32::MAX << (c + 1) };
+            mask = winners(sumqx, sumq2, choice.best_score) & valid & later;
+        }
+    }
+}
+
+/// ggml's running choice among splits: a candidate wins when sumqx² > best·sumq2 (strictly).
+pub(crate) struct SplitChoice<C> {
+    pub best_score: f32,
+    pub scale: f32,
+    pub best: Option<C>,
+}
+
+impl<C> SplitChoice<C> {
+    pub(crate) fn new(max: f32) -> Self {
+        SplitChoice {
+            best_score: -f32::MAX,
+            scale: max,
+            best: None,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn consider(&mut self, sumqx: f32, sumq2: f32, candidate: C) {
+        if sumq2 > 0.0 && sumqx * sumqx > self.best_score * sumq2 {
+            self.scale = sumqx / sumq2;
+            self.best_score = self.scale * sumqx;
+            self.best = Some(candidate);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -58,7 +174,18 @@ mod tests {
 
     #[test]
     fn sort_is_stable() {
-        let x = [0.5, -1.0, 0.5, 0.0, -0.0, -1.0];
-        assert_eq!(sorted_order::<6>(&x), [1, 5, 3, 4, 0, 2]);
+        let x = [
+            0.5,
+            -1.0,
+            0.5,
+            0.0,
+            -0.0,
+            -1.0,
+            f32::MIN_POSITIVE,
+            -1e-40,
+            3e38,
+            -3e38,
+        ];
+        assert_eq!(sorted_order::<10>(&x), [9, 1, 5, 7, 3, 4, 6, 0, 2, 8]);
     }
 }

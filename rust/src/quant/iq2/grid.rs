@@ -9,15 +9,12 @@
 /// ggml's kmap_size: patterns are 8 two-bit fields, the largest reachable one is 0xAAAA.
 const MAP_SIZE: usize = 43692;
 
-/// Eight neighbours of one list, their levels transposed for the AVX2 search.
+/// Eight neighbours of one list for the AVX2 search: per lane, the neighbour's levels packed
+/// 3 bits per coordinate (coordinate i at bit 3i, plus 4 for i >= 4: coordinates i and i+4 share
+/// one term table, in its low and high half). Lanes past the list's end repeat its last entry.
 #[derive(Clone, Copy)]
-pub(crate) struct NeighbourChunk {
-    /// `levels[8*i + lane]`: level (0..=2) of coordinate i of neighbour `lane`, plus 4 for i >= 4
-    /// (coordinates i and i+4 share one term table, in its low and high half).
-    levels: [u8; 64],
-    /// Grid index of each lane; lanes past the list's end repeat its last entry (never chosen).
-    index: [u16; 8],
-}
+#[repr(align(32))]
+pub(crate) struct NeighbourChunk([u32; 8]);
 
 pub(crate) struct GridSearch {
     /// Grid points as their 8 levels l in 0..=2 (ggml stores 2l+1).
@@ -50,9 +47,18 @@ impl GridSearch {
         let mut list_start: Vec<u32> = Vec::new();
         let mut chunks: Vec<NeighbourChunk> = Vec::new();
         let mut chunk_start: Vec<u32> = Vec::new();
-        let mut dist2 = vec![0u16; points.len()];
-        // Distances between odd coordinates 1,3,5 are at most 8·4² = 128.
-        let mut count_at = [0u32; 129];
+        // Squared distances in level units: ggml's coordinates 2l+1 give 4× these, same order.
+        let mut dist2 = vec![0u8; points.len()];
+        // Per coordinate and pattern level, every point's squared level difference
+        // (coordinate-major, so the distance sum vectorises over points).
+        let squares: [[Vec<u8>; 3]; 8] = std::array::from_fn(|k| {
+            std::array::from_fn(|l| {
+                points
+                    .iter()
+                    .map(|p| p[k].abs_diff(l as u8).pow(2))
+                    .collect()
+            })
+        });
         let mut list: Vec<u16> = Vec::new();
         for u in 0..MAP_SIZE {
             let levels: [u8; 8] = std::array::from_fn(|k| ((u >> (2 * k)) & 3) as u8);
@@ -60,54 +66,41 @@ impl GridSearch {
             if map[u] >= 0 || levels.iter().any(|&l| l > 2) {
                 continue;
             }
-            count_at.fill(0);
-            for (d, p) in dist2.iter_mut().zip(&points) {
-                let mut s = 0u16;
-                for k in 0..8 {
-                    // Coordinates are 2l+1, so their difference is twice the level difference.
-                    let diff = 2 * (p[k] as i16 - levels[k] as i16);
-                    s += (diff * diff) as u16;
+            dist2.copy_from_slice(&squares[0][levels[0] as usize]);
+            for k in 1..8 {
+                for (d, &sq) in dist2.iter_mut().zip(&squares[k][levels[k] as usize]) {
+                    *d += sq;
                 }
-                *d = s;
-                count_at[s as usize] += 1;
             }
-            // The nwant smallest distinct distances, nearest first; ggml's qsort on (d2, index)
-            // lists exactly these points, ordered by distance and then index.
-            list.clear();
-            let mut have = 0;
-            for (d, &c) in count_at.iter().enumerate() {
-                if c == 0 {
-                    continue;
-                }
-                list.extend(
-                    dist2
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, &x)| x as usize == d)
-                        .map(|(j, _)| j as u16),
-                );
-                have += 1;
-                if have == nwant {
+            // The nwant smallest distinct distances; ggml's qsort on (d2, index) lists exactly the
+            // points within them, ordered by distance and then index.
+            let (mut threshold, mut lowest) = (0u8, 0u8);
+            for _ in 0..nwant {
+                let next = dist2
+                    .iter()
+                    .map(|&d| if d >= lowest { d } else { u8::MAX })
+                    .min()
+                    .unwrap_or(u8::MAX);
+                if next == u8::MAX {
                     break;
                 }
+                threshold = next;
+                lowest = next + 1;
             }
+            list.clear();
+            list.extend((0..dist2.len() as u16).filter(|&j| dist2[j as usize] <= threshold));
+            list.sort_by_key(|&j| dist2[j as usize]);
             map[u] = -(list_start.len() as i32 + 1);
             list_start.push(neighbours.len() as u32);
             neighbours.extend_from_slice(&list);
             chunk_start.push(chunks.len() as u32);
             for part in list.chunks(8) {
-                let mut c = NeighbourChunk {
-                    levels: [0; 64],
-                    index: [0; 8],
-                };
-                for lane in 0..8 {
-                    let j = part[lane.min(part.len() - 1)];
-                    c.index[lane] = j;
-                    for i in 0..8 {
-                        c.levels[8 * i + lane] = points[j as usize][i] + if i >= 4 { 4 } else { 0 };
-                    }
-                }
-                chunks.push(c);
+                chunks.push(NeighbourChunk(std::array::from_fn(|lane| {
+                    let p = &points[part[lane.min(part.len() - 1)] as usize];
+                    (0..8).fold(0u32, |acc, i| {
+                        acc | ((p[i] as u32 + if i >= 4 { 4 } else { 0 }) << (3 * i))
+                    })
+                })));
             }
         }
         // One past the last list, so each list's range is two consecutive entries.
@@ -229,17 +222,43 @@ impl GridSearch {
             _mm256_shuffle_ps::<0b01_00_01_00>(t01_hi, t22_hi),
             _mm256_shuffle_ps::<0b11_10_11_10>(t01_hi, t22_hi),
         ];
+        let list = &self.neighbours[self.list_start[off.0] as usize..];
         let mut best_d2 = f32::MAX;
-        let mut best = chunks[0].index[0];
+        let mut best = list[0];
         let mut d2 = [0f32; 8];
         for (ci, c) in chunks.iter().enumerate() {
-            let mut acc = _mm256_setzero_ps();
-            for i in 0..8 {
-                let lv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                    c.levels.as_ptr().add(8 * i) as *const __m128i
-                ));
-                acc = _mm256_add_ps(acc, _mm256_permutevar8x32_ps(tab[i & 3], lv));
-            }
+            let packed = _mm256_load_si256(c.0.as_ptr() as *const __m256i);
+            // vpermps reads only the low 3 bits of each index: coordinate i's level(+4) at bit 3i.
+            let mut acc = _mm256_permutevar8x32_ps(tab[0], packed);
+            acc = _mm256_add_ps(_mm256_setzero_ps(), acc);
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[1], _mm256_srli_epi32::<3>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[2], _mm256_srli_epi32::<6>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[3], _mm256_srli_epi32::<9>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[0], _mm256_srli_epi32::<12>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[1], _mm256_srli_epi32::<15>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[2], _mm256_srli_epi32::<18>(packed)),
+            );
+            acc = _mm256_add_ps(
+                acc,
+                _mm256_permutevar8x32_ps(tab[3], _mm256_srli_epi32::<21>(packed)),
+            );
             let below =
                 _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(acc, _mm256_set1_ps(best_d2)));
             if below != 0 {
@@ -248,7 +267,7 @@ impl GridSearch {
                 for lane in 0..lanes {
                     if d2[lane] < best_d2 {
                         best_d2 = d2[lane];
-                        best = c.index[lane];
+                        best = list[8 * ci + lane];
                     }
                 }
             }

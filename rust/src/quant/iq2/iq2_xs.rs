@@ -2,6 +2,7 @@
 //! grid, 7 sign bits) | 8 bytes of two 4-bit scales = 74 bytes. Each 16 weights have the scale
 //! d·(0.5 + s)/4; the eighth sign of each 8 makes the count of negatives even.
 
+use super::trials::Trials;
 use super::{
     c_max, even_signs, f16_bits, f16_value, iq2xs_search, nearest_int, pattern, GridSearch,
     OffGrid, IQ2_SEARCH_VALUES,
@@ -107,45 +108,25 @@ pub(super) fn search_scale_16<const FAST: bool>(
     max: f32,
     levels: &mut [i8; 16],
 ) -> f32 {
-    let mut laux = [0i8; 16];
+    let ids: [f32; 19] =
+        std::array::from_fn(|j| ((2 * K_MAX_Q - 1) as f32 + (j as i32 - 9) as f32 * 0.1) / max);
+    let mut trials = Trials::<16>::new();
+    if FAST {
+        trials.run(search, xval, weight, waux, &ids);
+    } else {
+        trials.run_ref(search, xval, weight, waux, &ids);
+    }
     let mut best = 0f32;
     let mut scale = max / (2 * K_MAX_Q - 1) as f32;
     let mut on_grid = [true; 2];
-    let mut on_grid_aux = [true; 2];
     levels.fill(0);
-    for is in -9..=9 {
-        let id = ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.1) / max;
-        let this_scale = 1.0 / id;
-        for k in 0..2 {
-            let r = 8 * k..8 * k + 8;
-            for i in r.clone() {
-                laux[i] = nearest_int(0.5 * (id * xval[i] - 1.0)).clamp(0, K_MAX_Q - 1) as i8;
-            }
-            on_grid_aux[k] = true;
-            if let Err(off) = search.lookup(pattern(&laux[r.clone()])) {
-                on_grid_aux[k] = false;
-                best_neighbour::<FAST>(
-                    search,
-                    off,
-                    &xval[r.clone()],
-                    &waux[r.clone()],
-                    this_scale,
-                    &mut laux[r],
-                );
-            }
-        }
-        let (mut sumqx, mut sumq2) = (0f32, 0f32);
-        for i in 0..16 {
-            let w = weight[i];
-            let q = (2 * laux[i] as i32 + 1) as f32;
-            sumqx += w * xval[i] * q;
-            sumq2 += w * q * q;
-        }
+    for t in 0..ids.len() {
+        let (sumqx, sumq2) = (trials.sumqx[t], trials.sumq2[t]);
         if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
             scale = sumqx / sumq2;
             best = scale * sumqx;
-            *levels = laux;
-            on_grid = on_grid_aux;
+            trials.levels_of(t, levels);
+            on_grid = [trials.on_grid[t][0], trials.on_grid[t][1]];
         }
     }
     if on_grid.contains(&false) && scale > 0.0 {

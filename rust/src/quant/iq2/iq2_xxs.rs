@@ -2,6 +2,7 @@
 //! bytes, then a u32 of 4 × 7 sign bits and a 4-bit scale in bits 28..32) = 66 bytes.
 //! A group's scale is d·(0.5 + s)/4; the eighth sign of each 8 makes the count of negatives even.
 
+use super::trials::Trials;
 use super::{
     c_max, even_signs, f16_bits, f16_value, iq2xxs_search, make_qp_quants, nearest_int, pattern,
     GridSearch, IQ2_SEARCH_VALUES,
@@ -110,7 +111,7 @@ fn quantize_block<const FAST: bool>(
     let mut waux = [0f32; 32];
     let mut xval = [0f32; 32];
     let mut levels = [0i8; 32];
-    let mut laux = [0i8; 32];
+    let mut trials = Trials::<32>::new();
     let mut qp_levels = [0u8; 32];
     let mut block_signs = [0u8; 4];
 
@@ -145,38 +146,21 @@ fn quantize_block<const FAST: bool>(
             scales[ib] = 0.0;
             continue;
         }
+        let ids: [f32; 13] = std::array::from_fn(|j| {
+            ((2 * K_MAX_Q - 1) as f32 + (j as i32 - 6) as f32 * 0.1) / eff_max
+        });
+        if FAST {
+            trials.run(search, &xval, &weight, &waux, &ids);
+        } else {
+            trials.run_ref(search, &xval, &weight, &waux, &ids);
+        }
         let mut best = 0f32;
-        for is in -6..=6 {
-            let id = ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.1) / eff_max;
-            let this_scale = 1.0 / id;
-            for k in 0..4 {
-                let r = 8 * k..8 * k + 8;
-                for i in r.clone() {
-                    let l = nearest_int(0.5 * (id * xval[i] - 1.0));
-                    laux[i] = l.clamp(0, K_MAX_Q - 1) as i8;
-                }
-                if let Err(off) = search.lookup(pattern(&laux[r.clone()])) {
-                    best_neighbour::<FAST>(
-                        search,
-                        off,
-                        &xval[r.clone()],
-                        &waux[r.clone()],
-                        this_scale,
-                        &mut laux[r],
-                    );
-                }
-            }
-            let (mut sumqx, mut sumq2) = (0f32, 0f32);
-            for i in 0..32 {
-                let w = weight[i];
-                let q = (2 * laux[i] as i32 + 1) as f32;
-                sumqx += w * xval[i] * q;
-                sumq2 += w * q * q;
-            }
+        for t in 0..ids.len() {
+            let (sumqx, sumq2) = (trials.sumqx[t], trials.sumq2[t]);
             if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
                 scale = sumqx / sumq2;
                 best = scale * sumqx;
-                levels = laux;
+                trials.levels_of(t, &mut levels);
             }
         }
         if scale > 0.0 {

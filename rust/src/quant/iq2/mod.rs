@@ -17,6 +17,7 @@ pub(crate) mod grid;
 pub mod iq2_s;
 pub mod iq2_xs;
 pub mod iq2_xxs;
+pub(crate) mod trials;
 
 pub use iq2_s::IQ2_S_KERNELS;
 pub use iq2_xs::IQ2_XS_KERNELS;
