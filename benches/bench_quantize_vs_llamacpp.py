@@ -192,6 +192,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", default=[])
     ap.add_argument("--preset", action="append", default=[])
+    ap.add_argument("--synthetic", default="moe8", help="synthetic model to generate when no --model is given")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool (the best wall time is kept)")
     ap.add_argument("--seeds", action="store_true", help="run the three seed command lines instead")
@@ -209,8 +210,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         models = [Path(m) for m in a.model]
         if not models:
-            models.append(Path(tmp) / "moe8-f16.gguf")
-            write_model(models[0], "moe8", "f16")
+            models.append(Path(tmp) / f"{a.synthetic}-f16.gguf")
+            write_model(models[0], a.synthetic, "f16")
             ref = ROOT / "pyqmoe" / "models" / "qwen3moe-ref-bf16.gguf"
             if ref.is_file():
                 models.append(ref)

@@ -8,6 +8,7 @@ work. The models have no tokenizer (llama.cpp's quantizer does not need one).
              of 192 are not whole 256-blocks), 8 experts of 256, untied output.
 * ``moe16``  qwen3moe, 12 layers, hidden 256, 8 / 4 heads of 32 (GQA 2), 16 experts of 96
              (ffn_down rows of 96 fall back), tied embeddings (no output.weight).
+* ``moe8-large`` the same layout at about 200M parameters, for benchmarks.
 * ``dense``  qwen3 (no experts: the layer schedules use llama.cpp's counters), 16 layers,
              hidden 256, 4 / 4 heads of 64, FFN 512.
 
@@ -36,6 +37,10 @@ CONFIGS = {
         n_ff=96,
         vocab=320,
         tied=True,
+    ),
+    # Larger, for benchmarks only (about 200M parameters, 400 MB in F16).
+    "moe8-large": dict(
+        arch="qwen3moe", n_layer=12, hidden=1024, n_head=8, n_head_kv=2, head_dim=128, n_expert=8, n_ff=512, vocab=8192
     ),
     "dense": dict(
         arch="qwen3", n_layer=16, hidden=256, n_head=4, n_head_kv=4, head_dim=64, n_expert=0, n_ff=512, vocab=320
