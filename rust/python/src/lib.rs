@@ -314,6 +314,18 @@ fn rewrite(
     .map_err(to_py)
 }
 
+/// One metadata entry: (key, type name, value).
+type MetaRow<'py> = (String, String, Bound<'py, PyAny>);
+/// (name, file type number, default tensor type, description).
+type PresetRow = (&'static str, u32, &'static str, &'static str);
+/// (format, [(tensor name, values)], datasets, chunk count).
+type ImatrixRow<'py> = (
+    &'static str,
+    Vec<(String, Bound<'py, PyArray1<f32>>)>,
+    Vec<String>,
+    u32,
+);
+
 /// Options beyond llama-quantize's positional arguments, shared by plan and run.
 #[derive(Default)]
 struct ExtraOptions {
@@ -355,12 +367,12 @@ fn parse_params(
             "--keep-split cannot be combined with --split-max-size/--split-max-tensors".into(),
         ));
     }
-    if !extra.include_weights.is_empty() || !extra.exclude_weights.is_empty() {
-        if extra.imatrix.is_none() {
-            return Err(Error::Invalid(
-                "--include-weights/--exclude-weights need --imatrix".into(),
-            ));
-        }
+    if (!extra.include_weights.is_empty() || !extra.exclude_weights.is_empty())
+        && extra.imatrix.is_none()
+    {
+        return Err(Error::Invalid(
+            "--include-weights/--exclude-weights need --imatrix".into(),
+        ));
     }
     if let Some(path) = extra.imatrix {
         let mut m = Imatrix::load(&path)?;
@@ -446,7 +458,7 @@ fn quantize_plan<'py>(
     exclude_weights: Vec<String>,
     prune_layers: Vec<u32>,
     keep_split: bool,
-) -> PyResult<(Vec<PlanRow>, Vec<(String, String, Bound<'py, PyAny>)>)> {
+) -> PyResult<(Vec<PlanRow>, Vec<MetaRow<'py>>)> {
     let extra = ExtraOptions {
         pure,
         leave_output_tensor,
@@ -575,10 +587,7 @@ fn quantize_model(
 /// llama.cpp's quantization presets: (name, file type number, default tensor type, description),
 /// and the aliases as (alias, preset name).
 #[pyfunction]
-fn presets() -> (
-    Vec<(&'static str, u32, &'static str, &'static str)>,
-    Vec<(&'static str, &'static str)>,
-) {
+fn presets() -> (Vec<PresetRow>, Vec<(&'static str, &'static str)>) {
     (
         pyqmoe_core::presets::PRESETS
             .iter()
@@ -591,15 +600,7 @@ fn presets() -> (
 /// Reads an importance matrix (legacy .dat or GGUF, chosen by content) after normalisation:
 /// (format, {tensor name: float32 values}, datasets, chunk count).
 #[pyfunction]
-fn load_imatrix<'py>(
-    py: Python<'py>,
-    path: PathBuf,
-) -> PyResult<(
-    &'static str,
-    Vec<(String, Bound<'py, PyArray1<f32>>)>,
-    Vec<String>,
-    u32,
-)> {
+fn load_imatrix<'py>(py: Python<'py>, path: PathBuf) -> PyResult<ImatrixRow<'py>> {
     let m = py.detach(|| Imatrix::load(&path)).map_err(to_py)?;
     let format = match m.format {
         ImatrixFormat::Legacy => "legacy",
