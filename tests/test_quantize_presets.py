@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pyqmoe
 from pyqmoe import _core
 
 DATA = Path(__file__).parent / "data"
@@ -75,3 +76,44 @@ def test_file_type_and_block_count_metadata(preset_models):
     m = {k: v for k, _t, v in meta}
     assert m["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     assert m["qwen3moe.block_count"] == 9
+
+
+HASHES = DATA / "llamacpp_quant_hashes.json"
+
+
+@pytest.fixture(scope="module")
+def moe16_bf16(tmp_path_factory):
+    """The input llama.cpp quantized for llamacpp_quant_hashes.json, regenerated, with its imatrix."""
+    import hashlib
+
+    from make_preset_model import imatrix_entries
+
+    ref = json.loads(HASHES.read_text())
+    d = tmp_path_factory.mktemp("moe16-bf16")
+    model, imatrix = d / "moe16-bf16.gguf", d / "moe16.imatrix.dat"
+    write_model(model, "moe16", "bf16")
+    write_legacy_imatrix(imatrix, imatrix_entries(model), 10, "synthetic")
+    for p, key in ((model, "model_sha256"), (imatrix, "imatrix_sha256")):
+        if hashlib.sha256(p.read_bytes()).hexdigest() != ref[key]:
+            pytest.skip(f"regenerated {p.name} differs from the recorded one (another numpy?)")
+    return model, imatrix, ref
+
+
+@pytest.mark.parametrize("preset", sorted(json.loads(HASHES.read_text())["presets"]))
+def test_whole_model_bytes_equal_llama_cpp(moe16_bf16, tmp_path, preset):
+    """pyqmoe's output equals llama.cpp's llama_model_quantize output tensor by tensor (same input,
+    preset and imatrix; digests recorded by scripts/make_llamacpp_quant_hashes.py)."""
+    import hashlib
+
+    model, imatrix, ref = moe16_bf16
+    out = tmp_path / "q.gguf"
+    _core.quantize_model(str(model), str(out), preset, imatrix=str(imatrix))
+    f = pyqmoe.GGUFFile(out)
+    want = ref["presets"][preset]
+    assert sorted(t.name for t in f.tensors) == sorted(want)
+    bad = []
+    for t in f.tensors:
+        digest = hashlib.sha256(np.ascontiguousarray(f.tensor_bytes(t.name)).tobytes()).hexdigest()
+        if [t.type, digest] != want[t.name]:
+            bad.append((t.name, t.type, want[t.name][0]))
+    assert not bad, f"{len(bad)} tensors differ from llama.cpp: {bad[:5]}"
