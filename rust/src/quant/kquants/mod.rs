@@ -56,7 +56,10 @@ pub fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -145,7 +148,13 @@ pub(crate) mod test_support {
                 let mut b = vec![0u8; row_bytes];
                 (k.quantize_row_ref)(&x, &mut a, wi);
                 (k.quantize_row)(&x, &mut b, wi);
-                assert_eq!(a, b, "{} fast != ref, seed {seed}, imatrix {}", k.ty, wi.is_some());
+                assert_eq!(
+                    a,
+                    b,
+                    "{} fast != ref, seed {seed}, imatrix {}",
+                    k.ty,
+                    wi.is_some()
+                );
             }
         }
     }
@@ -158,6 +167,10 @@ pub(crate) mod test_support {
         assert!(rel < bound, "{}: relative rmse {rel} >= {bound}", k.ty);
         let w = testdata::importance(22, n);
         let relw = round_trip_rmse(k, &x, n, Some(&w)) / 0.02;
-        assert!(relw < bound, "{} with imatrix: relative rmse {relw} >= {bound}", k.ty);
+        assert!(
+            relw < bound,
+            "{} with imatrix: relative rmse {relw} >= {bound}",
+            k.ty
+        );
     }
 }
