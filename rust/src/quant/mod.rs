@@ -223,7 +223,11 @@ pub fn quantize_into(
                 saw_non_finite.store(true, Ordering::Relaxed);
                 return;
             }
-            for (j, (o, x)) in out.chunks_mut(row_bytes).zip(inp.chunks(n_per_row)).enumerate() {
+            for (j, (o, x)) in out
+                .chunks_mut(row_bytes)
+                .zip(inp.chunks(n_per_row))
+                .enumerate()
+            {
                 let row = task * step + j;
                 let w = imatrix.map(|w| {
                     let s = row / rows_per_slice;
@@ -241,7 +245,11 @@ pub fn quantize_into(
 
 /// True when no element is NaN or ±Inf (exponent bits all ones); branch-free so it vectorises.
 fn all_finite(xs: &[f32]) -> bool {
-    xs.chunks(256).all(|c| c.iter().fold(0u32, |acc, v| acc | ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32) == 0)
+    xs.chunks(256).all(|c| {
+        c.iter().fold(0u32, |acc, v| {
+            acc | ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32
+        }) == 0
+    })
 }
 
 /// Quantize `src` (rows of `n_per_row`) to `ty`, returning the packed bytes.
