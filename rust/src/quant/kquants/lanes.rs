@@ -294,11 +294,21 @@ unsafe fn qx_lanes<const N: usize, const G: usize>(
     let zero = _mm256_setzero_ps();
     let nmaxf = nmax as f32;
     let (max, all_zero) = signed_absmax(xt);
-    let mut l = [[zero; N]; G];
+    // w*x is the same for every candidate; ggml evaluates w*x*l as (w*x)*l.
+    let mut wx = [[zero; N]; G];
+    for g in 0..G {
+        for i in 0..N {
+            wx[g][i] = mul(wt[g][i], xt[g][i]);
+        }
+    }
+    // The levels are a function of the scale, so keep each lane's chosen inverse scale and
+    // compute the levels once at the end, as ggml recomputes them when a candidate wins.
+    let mut chosen = [zero; G];
     let (mut sumlx, mut suml2) = ([zero; G], [zero; G]);
     let mut iscale = [zero; G];
     for g in 0..G {
         iscale[g] = div(splat(-nmaxf), max[g]);
+        chosen[g] = iscale[g];
     }
     for i in 0..N {
         for g in 0..G {
@@ -307,8 +317,7 @@ unsafe fn qx_lanes<const N: usize, const G: usize>(
                 -nmax,
                 nmax - 1,
             ));
-            l[g][i] = q;
-            sumlx[g] = add(sumlx[g], mul(mul(wt[g][i], xt[g][i]), q));
+            sumlx[g] = add(sumlx[g], mul(wx[g][i], q));
             suml2[g] = add(suml2[g], mul(mul(wt[g][i], q), q));
         }
     }
@@ -319,7 +328,6 @@ unsafe fn qx_lanes<const N: usize, const G: usize>(
         scale[g] = select(nonzero, div(sumlx[g], suml2[g]), zero);
         best[g] = mul(scale[g], sumlx[g]);
     }
-    let mut laux = [[zero; N]; G];
     for is in -9i32..=9 {
         if is == 0 {
             continue;
@@ -337,8 +345,7 @@ unsafe fn qx_lanes<const N: usize, const G: usize>(
                     -nmax,
                     nmax - 1,
                 ));
-                laux[g][i] = q;
-                sumlx[g] = add(sumlx[g], mul(mul(wt[g][i], xt[g][i]), q));
+                sumlx[g] = add(sumlx[g], mul(wx[g][i], q));
                 suml2[g] = add(suml2[g], mul(mul(wt[g][i], q), q));
             }
         }
@@ -347,21 +354,22 @@ unsafe fn qx_lanes<const N: usize, const G: usize>(
                 gt(suml2[g], zero),
                 gt(mul(sumlx[g], sumlx[g]), mul(best[g], suml2[g])),
             );
-            if !any(upd) {
-                continue;
-            }
-            for i in 0..N {
-                l[g][i] = select(upd, laux[g][i], l[g][i]);
-            }
             let s = div(sumlx[g], suml2[g]);
+            chosen[g] = select(upd, iscale[g], chosen[g]);
             scale[g] = select(upd, s, scale[g]);
             best[g] = select(upd, mul(s, sumlx[g]), best[g]);
         }
     }
     let off = splat(nmaxf);
+    let mut l = [[zero; N]; G];
     for g in 0..G {
         for i in 0..N {
-            l[g][i] = select(all_zero[g], zero, add(l[g][i], off));
+            let q = _mm256_cvtepi32_ps(clamp(
+                nearest_int(mul(chosen[g], xt[g][i])),
+                -nmax,
+                nmax - 1,
+            ));
+            l[g][i] = select(all_zero[g], zero, add(q, off));
         }
         scale[g] = select(all_zero[g], zero, scale[g]);
     }
