@@ -23,11 +23,17 @@ mod v {
     #[inline(always)]
     pub unsafe fn nearest_int(x: __m256) -> __m256i {
         let t = _mm256_castps_si256(_mm256_add_ps(x, _mm256_set1_ps(12_582_912.0)));
-        _mm256_sub_epi32(_mm256_and_si256(t, _mm256_set1_epi32(0x007f_ffff)), _mm256_set1_epi32(0x0040_0000))
+        _mm256_sub_epi32(
+            _mm256_and_si256(t, _mm256_set1_epi32(0x007f_ffff)),
+            _mm256_set1_epi32(0x0040_0000),
+        )
     }
     #[inline(always)]
     pub unsafe fn clamp(q: __m256i, lo: i32, hi: i32) -> __m256i {
-        _mm256_max_epi32(_mm256_min_epi32(q, _mm256_set1_epi32(hi)), _mm256_set1_epi32(lo))
+        _mm256_max_epi32(
+            _mm256_min_epi32(q, _mm256_set1_epi32(hi)),
+            _mm256_set1_epi32(lo),
+        )
     }
     /// `if mask { a } else { b }` per lane.
     #[inline(always)]
@@ -156,10 +162,17 @@ unsafe fn qkx_lanes<const N: usize, const G: usize>(
         let iscale = div(nmaxv, sub(max[g], min[g]));
         scale[g] = div(splat(1.0), iscale);
         for i in 0..N {
-            let q = _mm256_cvtepi32_ps(clamp(nearest_int(mul(iscale, sub(xt[g][i], min[g]))), 0, nmax));
+            let q = _mm256_cvtepi32_ps(clamp(
+                nearest_int(mul(iscale, sub(xt[g][i], min[g]))),
+                0,
+                nmax,
+            ));
             l[g][i] = q;
             let diff = sub(add(mul(scale[g], q), min[g]), xt[g][i]);
-            best[g] = add(best[g], mul(wt[g][i], if use_mad { abs(diff) } else { mul(diff, diff) }));
+            best[g] = add(
+                best[g],
+                mul(wt[g][i], if use_mad { abs(diff) } else { mul(diff, diff) }),
+            );
         }
     }
     debug_assert!(nstep >= 1);
@@ -204,7 +217,10 @@ unsafe fn qkx_lanes<const N: usize, const G: usize>(
         let mut cur = [zero; G];
         for g in 0..G {
             let ts = div(sub(mul(sum_w[g], sum_xl[g]), mul(sum_x[g], sum_l[g])), d[g]);
-            let tm = div(sub(mul(sum_l2[g], sum_x[g]), mul(sum_l[g], sum_xl[g])), d[g]);
+            let tm = div(
+                sub(mul(sum_l2[g], sum_x[g]), mul(sum_l[g], sum_xl[g])),
+                d[g],
+            );
             let mpos = gt(tm, zero);
             this_min[g] = select(mpos, zero, tm);
             this_scale[g] = select(mpos, div(sum_xl[g], sum_l2[g]), ts);
@@ -212,7 +228,10 @@ unsafe fn qkx_lanes<const N: usize, const G: usize>(
         for i in 0..N {
             for g in 0..G {
                 let diff = sub(add(mul(this_scale[g], laux[g][i]), this_min[g]), xt[g][i]);
-                cur[g] = add(cur[g], mul(wt[g][i], if use_mad { abs(diff) } else { mul(diff, diff) }));
+                cur[g] = add(
+                    cur[g],
+                    mul(wt[g][i], if use_mad { abs(diff) } else { mul(diff, diff) }),
+                );
             }
         }
         for g in 0..G {
@@ -242,7 +261,9 @@ unsafe fn qkx_lanes<const N: usize, const G: usize>(
 /// Signed value of largest magnitude per lane (the first on ties) and a mask of the lanes
 /// whose magnitude is below GROUP_MAX_EPS.
 #[inline(always)]
-unsafe fn signed_absmax<const N: usize, const G: usize>(xt: &Lanes<N, G>) -> ([__m256; G], [__m256; G]) {
+unsafe fn signed_absmax<const N: usize, const G: usize>(
+    xt: &Lanes<N, G>,
+) -> ([__m256; G], [__m256; G]) {
     use v::*;
     let zero = _mm256_setzero_ps();
     let (mut amax, mut max) = ([zero; G], [zero; G]);
@@ -273,17 +294,30 @@ unsafe fn qx_lanes<const N: usize, const G: usize>(
     let zero = _mm256_setzero_ps();
     let nmaxf = nmax as f32;
     let (max, all_zero) = signed_absmax(xt);
-    let mut l = [[zero; N]; G];
+    // w*x is the same for every candidate; ggml evaluates w*x*l as (w*x)*l.
+    let mut wx = [[zero; N]; G];
+    for g in 0..G {
+        for i in 0..N {
+            wx[g][i] = mul(wt[g][i], xt[g][i]);
+        }
+    }
+    // The levels are a function of the scale, so keep each lane's chosen inverse scale and
+    // compute the levels once at the end, as ggml recomputes them when a candidate wins.
+    let mut chosen = [zero; G];
     let (mut sumlx, mut suml2) = ([zero; G], [zero; G]);
     let mut iscale = [zero; G];
     for g in 0..G {
         iscale[g] = div(splat(-nmaxf), max[g]);
+        chosen[g] = iscale[g];
     }
     for i in 0..N {
         for g in 0..G {
-            let q = _mm256_cvtepi32_ps(clamp(nearest_int(mul(iscale[g], xt[g][i])), -nmax, nmax - 1));
-            l[g][i] = q;
-            sumlx[g] = add(sumlx[g], mul(mul(wt[g][i], xt[g][i]), q));
+            let q = _mm256_cvtepi32_ps(clamp(
+                nearest_int(mul(iscale[g], xt[g][i])),
+                -nmax,
+                nmax - 1,
+            ));
+            sumlx[g] = add(sumlx[g], mul(wx[g][i], q));
             suml2[g] = add(suml2[g], mul(mul(wt[g][i], q), q));
         }
     }
@@ -294,7 +328,6 @@ unsafe fn qx_lanes<const N: usize, const G: usize>(
         scale[g] = select(nonzero, div(sumlx[g], suml2[g]), zero);
         best[g] = mul(scale[g], sumlx[g]);
     }
-    let mut laux = [[zero; N]; G];
     for is in -9i32..=9 {
         if is == 0 {
             continue;
@@ -307,29 +340,36 @@ unsafe fn qx_lanes<const N: usize, const G: usize>(
         }
         for i in 0..N {
             for g in 0..G {
-                let q = _mm256_cvtepi32_ps(clamp(nearest_int(mul(iscale[g], xt[g][i])), -nmax, nmax - 1));
-                laux[g][i] = q;
-                sumlx[g] = add(sumlx[g], mul(mul(wt[g][i], xt[g][i]), q));
+                let q = _mm256_cvtepi32_ps(clamp(
+                    nearest_int(mul(iscale[g], xt[g][i])),
+                    -nmax,
+                    nmax - 1,
+                ));
+                sumlx[g] = add(sumlx[g], mul(wx[g][i], q));
                 suml2[g] = add(suml2[g], mul(mul(wt[g][i], q), q));
             }
         }
         for g in 0..G {
-            let upd = _mm256_and_ps(gt(suml2[g], zero), gt(mul(sumlx[g], sumlx[g]), mul(best[g], suml2[g])));
-            if !any(upd) {
-                continue;
-            }
-            for i in 0..N {
-                l[g][i] = select(upd, laux[g][i], l[g][i]);
-            }
+            let upd = _mm256_and_ps(
+                gt(suml2[g], zero),
+                gt(mul(sumlx[g], sumlx[g]), mul(best[g], suml2[g])),
+            );
             let s = div(sumlx[g], suml2[g]);
+            chosen[g] = select(upd, iscale[g], chosen[g]);
             scale[g] = select(upd, s, scale[g]);
             best[g] = select(upd, mul(s, sumlx[g]), best[g]);
         }
     }
     let off = splat(nmaxf);
+    let mut l = [[zero; N]; G];
     for g in 0..G {
         for i in 0..N {
-            l[g][i] = select(all_zero[g], zero, add(l[g][i], off));
+            let q = _mm256_cvtepi32_ps(clamp(
+                nearest_int(mul(chosen[g], xt[g][i])),
+                -nmax,
+                nmax - 1,
+            ));
+            l[g][i] = select(all_zero[g], zero, add(q, off));
         }
         scale[g] = select(all_zero[g], zero, scale[g]);
     }
@@ -338,7 +378,10 @@ unsafe fn qx_lanes<const N: usize, const G: usize>(
 
 /// Lane version of make_q3_quants with do_rmse (weights x²). Levels offset by +nmax.
 #[inline(always)]
-unsafe fn q3_lanes<const N: usize, const G: usize>(xt: &Lanes<N, G>, nmax: i32) -> (Lanes<N, G>, [__m256; G]) {
+unsafe fn q3_lanes<const N: usize, const G: usize>(
+    xt: &Lanes<N, G>,
+    nmax: i32,
+) -> (Lanes<N, G>, [__m256; G]) {
     use v::*;
     let zero = _mm256_setzero_ps();
     let nmaxf = nmax as f32;
@@ -377,7 +420,10 @@ unsafe fn q3_lanes<const N: usize, const G: usize>(xt: &Lanes<N, G>, nmax: i32) 
                 let sl22 = add(sl2, mul(mul(w[g][i], new_l), new_l));
                 let improves = _mm256_and_ps(
                     gt(sl22, zero),
-                    gt(mul(mul(slx2, slx2), suml2[g]), mul(mul(sumlx[g], sumlx[g]), sl22)),
+                    gt(
+                        mul(mul(slx2, slx2), suml2[g]),
+                        mul(mul(sumlx[g], sumlx[g]), sl22),
+                    ),
                 );
                 let accept = _mm256_and_ps(_mm256_and_ps(positive, differs), improves);
                 l[g][i] = select(accept, new_l, li);
@@ -398,7 +444,11 @@ unsafe fn q3_lanes<const N: usize, const G: usize>(xt: &Lanes<N, G>, nmax: i32) 
         for i in 0..N {
             l[g][i] = select(all_zero[g], zero, add(l[g][i], off));
         }
-        scale[g] = select(all_zero[g], zero, select(gt(suml2[g], zero), div(sumlx[g], suml2[g]), zero));
+        scale[g] = select(
+            all_zero[g],
+            zero,
+            select(gt(suml2[g], zero), div(sumlx[g], suml2[g]), zero),
+        );
     }
     (l, scale)
 }
@@ -437,7 +487,11 @@ unsafe fn store_sums<const N: usize, const G: usize>(wt: &Lanes<N, G>, sw: &mut 
 
 /// Importance weights qw*sqrt(sigma2 + x²) in lane layout, with group g's sigma2 = `sigma2[g]`.
 #[inline(always)]
-unsafe fn imatrix_weights<const N: usize, const G: usize>(xt: &Lanes<N, G>, qw: &[f32], sigma2: [f32; G]) -> Lanes<N, G> {
+unsafe fn imatrix_weights<const N: usize, const G: usize>(
+    xt: &Lanes<N, G>,
+    qw: &[f32],
+    sigma2: [f32; G],
+) -> Lanes<N, G> {
     use v::*;
     let qt = load_lanes::<N, G>(qw);
     let mut wt = qt;
@@ -474,7 +528,12 @@ pub(crate) unsafe fn fit_q45k<const G: usize>(
     use v::*;
     assert!(G <= 2 && x.len() >= QK_K * G);
     let xt = load_lanes::<32, G>(x);
-    let mut f = LaneFits { levels: xt, scales: [0.0; 16], mins: [0.0; 16], sw: [0.0; 16] };
+    let mut f = LaneFits {
+        levels: xt,
+        scales: [0.0; 16],
+        mins: [0.0; 16],
+        sw: [0.0; 16],
+    };
     let (l, scale, neg_min) = match qw {
         None => {
             let mut wt = xt;
@@ -491,8 +550,9 @@ pub(crate) unsafe fn fit_q45k<const G: usize>(
             qkx_lanes(&xt, &wt, nmax, rmin, rdelta, nstep, false, false)
         }
         Some(qw) => {
-            let sigma2: [f32; G] =
-                std::array::from_fn(|g| 2.0 * sum_squares(&x[QK_K * g..QK_K * (g + 1)]) / QK_K as f32);
+            let sigma2: [f32; G] = std::array::from_fn(|g| {
+                2.0 * sum_squares(&x[QK_K * g..QK_K * (g + 1)]) / QK_K as f32
+            });
             let wt = imatrix_weights(&xt, qw, sigma2);
             store_sums(&wt, &mut f.sw);
             qkx_lanes(&xt, &wt, nmax, rmin, rdelta, nstep, false, true)
@@ -512,7 +572,12 @@ pub(crate) unsafe fn fit_q45k<const G: usize>(
 pub(crate) unsafe fn fit_q2k(x: &[f32], qw: Option<&[f32]>) -> LaneFits<16, 2> {
     use v::*;
     let xt = load_lanes::<16, 2>(x);
-    let mut f = LaneFits { levels: xt, scales: [0.0; 16], mins: [0.0; 16], sw: [0.0; 16] };
+    let mut f = LaneFits {
+        levels: xt,
+        scales: [0.0; 16],
+        mins: [0.0; 16],
+        sw: [0.0; 16],
+    };
     let (l, scale, neg_min) = match qw {
         None => {
             let mut wt = xt;
@@ -543,7 +608,12 @@ pub(crate) unsafe fn fit_q2k(x: &[f32], qw: Option<&[f32]>) -> LaneFits<16, 2> {
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn fit_q3k(x: &[f32], qw: Option<&[f32]>) -> LaneFits<16, 2> {
     let xt = load_lanes::<16, 2>(x);
-    let mut f = LaneFits { levels: xt, scales: [0.0; 16], mins: [0.0; 16], sw: [0.0; 16] };
+    let mut f = LaneFits {
+        levels: xt,
+        scales: [0.0; 16],
+        mins: [0.0; 16],
+        sw: [0.0; 16],
+    };
     let (l, scale) = match qw {
         None => q3_lanes(&xt, 4),
         Some(qw) => {
@@ -579,7 +649,12 @@ pub(crate) unsafe fn fit_q3k_pair(x: &[f32]) -> (Lanes<16, 4>, [f32; 32]) {
 pub(crate) unsafe fn fit_q6k(x: &[f32], qw: Option<&[f32]>) -> LaneFits<16, 2> {
     use v::*;
     let xt = load_lanes::<16, 2>(x);
-    let mut f = LaneFits { levels: xt, scales: [0.0; 16], mins: [0.0; 16], sw: [0.0; 16] };
+    let mut f = LaneFits {
+        levels: xt,
+        scales: [0.0; 16],
+        mins: [0.0; 16],
+        sw: [0.0; 16],
+    };
     let wt = match qw {
         Some(qw) => load_lanes::<16, 2>(qw),
         None => {
@@ -611,7 +686,10 @@ pub(crate) unsafe fn requantize(x: &[f32], m: f32, d: f32, lo: i32, hi: i32, out
     for k in 0..x.len() / 8 {
         let xv = _mm256_loadu_ps(x.as_ptr().add(8 * k));
         let q = clamp(nearest_int(div(add(xv, mv), dv)), lo, hi);
-        store_u8x8(_mm256_sub_epi32(q, _mm256_set1_epi32(lo)), out.as_mut_ptr().add(8 * k));
+        store_u8x8(
+            _mm256_sub_epi32(q, _mm256_set1_epi32(lo)),
+            out.as_mut_ptr().add(8 * k),
+        );
     }
 }
 
@@ -698,7 +776,10 @@ pub(crate) unsafe fn pack_q3(levels: &[u8; QK_K], hmask: &mut [u8], qs: &mut [u8
         let v = _mm256_loadu_si256(levels.as_ptr().add(32 * h) as *const __m256i);
         let bit = _mm256_and_si256(_mm256_srli_epi16(v, 2), one);
         hm = _mm256_or_si256(hm, _mm256_sll_epi16(bit, _mm_cvtsi32_si128(h as i32)));
-        _mm256_storeu_si256(low.as_mut_ptr().add(32 * h) as *mut __m256i, _mm256_and_si256(v, three));
+        _mm256_storeu_si256(
+            low.as_mut_ptr().add(32 * h) as *mut __m256i,
+            _mm256_and_si256(v, three),
+        );
     }
     _mm256_storeu_si256(hmask.as_mut_ptr() as *mut __m256i, hm);
     pack_2bit(&low, qs);
@@ -726,12 +807,18 @@ pub(crate) unsafe fn pack_q5(levels: &[u8; QK_K], qh: &mut [u8], qs: &mut [u8]) 
     for h in 0..4 {
         let a = _mm256_loadu_si256(levels.as_ptr().add(64 * h) as *const __m256i);
         let b = _mm256_loadu_si256(levels.as_ptr().add(64 * h + 32) as *const __m256i);
-        let r = _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_slli_epi16(_mm256_and_si256(b, low4), 4));
+        let r = _mm256_or_si256(
+            _mm256_and_si256(a, low4),
+            _mm256_slli_epi16(_mm256_and_si256(b, low4), 4),
+        );
         _mm256_storeu_si256(qs.as_mut_ptr().add(32 * h) as *mut __m256i, r);
         let ha = _mm256_and_si256(_mm256_srli_epi16(a, 4), one);
         let hb = _mm256_and_si256(_mm256_srli_epi16(b, 4), one);
         hm = _mm256_or_si256(hm, _mm256_sll_epi16(ha, _mm_cvtsi32_si128(2 * h as i32)));
-        hm = _mm256_or_si256(hm, _mm256_sll_epi16(hb, _mm_cvtsi32_si128(2 * h as i32 + 1)));
+        hm = _mm256_or_si256(
+            hm,
+            _mm256_sll_epi16(hb, _mm_cvtsi32_si128(2 * h as i32 + 1)),
+        );
     }
     _mm256_storeu_si256(qh.as_mut_ptr() as *mut __m256i, hm);
 }
@@ -748,8 +835,14 @@ pub(crate) unsafe fn pack_q6(levels: &[u8; QK_K], ql: &mut [u8], qh: &mut [u8]) 
         let b = _mm256_loadu_si256(p.add(32) as *const __m256i);
         let c = _mm256_loadu_si256(p.add(64) as *const __m256i);
         let e = _mm256_loadu_si256(p.add(96) as *const __m256i);
-        let q0 = _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_slli_epi16(_mm256_and_si256(c, low4), 4));
-        let q1 = _mm256_or_si256(_mm256_and_si256(b, low4), _mm256_slli_epi16(_mm256_and_si256(e, low4), 4));
+        let q0 = _mm256_or_si256(
+            _mm256_and_si256(a, low4),
+            _mm256_slli_epi16(_mm256_and_si256(c, low4), 4),
+        );
+        let q1 = _mm256_or_si256(
+            _mm256_and_si256(b, low4),
+            _mm256_slli_epi16(_mm256_and_si256(e, low4), 4),
+        );
         // Top two bits of each 6-bit level; levels < 64, so 16-bit shifts stay within bytes.
         let ha = _mm256_and_si256(_mm256_srli_epi16(a, 4), three);
         let hb = _mm256_and_si256(_mm256_srli_epi16(b, 4), three);

@@ -56,7 +56,10 @@ pub fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -145,7 +148,64 @@ pub(crate) mod test_support {
                 let mut b = vec![0u8; row_bytes];
                 (k.quantize_row_ref)(&x, &mut a, wi);
                 (k.quantize_row)(&x, &mut b, wi);
-                assert_eq!(a, b, "{} fast != ref, seed {seed}, imatrix {}", k.ty, wi.is_some());
+                assert_eq!(
+                    a,
+                    b,
+                    "{} fast != ref, seed {seed}, imatrix {}",
+                    k.ty,
+                    wi.is_some()
+                );
+            }
+        }
+        // Many small random rows of varied shape: each 32-element piece gets its own
+        // distribution (uniform, one-signed, sparse, small integers, gaussian) and scale.
+        let mut r = testdata::Rng::new(77);
+        let n = 512;
+        let row_bytes = k.ty.row_size(n).unwrap();
+        for case in 0..24 {
+            let x: Vec<f32> = (0..n / 32)
+                .flat_map(|_| {
+                    let kind = r.next_u64() % 5;
+                    let scale = [1e-3f32, 0.02, 1.0, 50.0][(r.next_u64() % 4) as usize];
+                    (0..32)
+                        .map(|_| {
+                            let v = match kind {
+                                0 => 2.0 * r.uniform() - 1.0,
+                                1 => r.normal().abs(),
+                                2 => {
+                                    if r.uniform() < 0.1 {
+                                        r.normal()
+                                    } else {
+                                        0.0
+                                    }
+                                }
+                                3 => (r.next_u64() % 9) as f32 - 4.0,
+                                _ => r.normal(),
+                            };
+                            scale * v
+                        })
+                        .collect::<Vec<f32>>()
+                })
+                .collect();
+            let w: Vec<f32> = testdata::importance(1000 + case, n)
+                .into_iter()
+                .map(|v| if r.uniform() < 0.05 { 0.0 } else { v })
+                .collect();
+            for wi in [None, Some(&w[..])] {
+                if wi.is_none() && k.requires_imatrix {
+                    continue;
+                }
+                let mut a = vec![0u8; row_bytes];
+                let mut b = vec![0u8; row_bytes];
+                (k.quantize_row_ref)(&x, &mut a, wi);
+                (k.quantize_row)(&x, &mut b, wi);
+                assert_eq!(
+                    a,
+                    b,
+                    "{} fast != ref, random case {case}, imatrix {}",
+                    k.ty,
+                    wi.is_some()
+                );
             }
         }
     }
@@ -158,6 +218,10 @@ pub(crate) mod test_support {
         assert!(rel < bound, "{}: relative rmse {rel} >= {bound}", k.ty);
         let w = testdata::importance(22, n);
         let relw = round_trip_rmse(k, &x, n, Some(&w)) / 0.02;
-        assert!(relw < bound, "{} with imatrix: relative rmse {relw} >= {bound}", k.ty);
+        assert!(
+            relw < bound,
+            "{} with imatrix: relative rmse {relw} >= {bound}",
+            k.ty
+        );
     }
 }

@@ -21,7 +21,12 @@ struct Fits16 {
 }
 
 fn fit_ref(x: &[f32]) -> Fits16 {
-    let mut f = Fits16 { scales: [0.0; 16], mins: [0.0; 16], levels: [0; QK_K], sw: [0.0; 16] };
+    let mut f = Fits16 {
+        scales: [0.0; 16],
+        mins: [0.0; 16],
+        levels: [0; QK_K],
+        sw: [0.0; 16],
+    };
     let mut weights = [0f32; 16];
     let mut laux = [0u8; 16];
     for j in 0..16 {
@@ -30,13 +35,19 @@ fn fit_ref(x: &[f32]) -> Fits16 {
             *w = v.abs();
         }
         let l = &mut f.levels[16 * j..16 * j + 16];
-        (f.scales[j], f.mins[j]) = make_qkx2_quants(3, xs, &weights, l, &mut laux, -0.5, 0.1, 15, true);
+        (f.scales[j], f.mins[j]) =
+            make_qkx2_quants(3, xs, &weights, l, &mut laux, -0.5, 0.1, 15, true);
     }
     f
 }
 
 fn fit_imatrix_ref(x: &[f32], qw: &[f32]) -> Fits16 {
-    let mut f = Fits16 { scales: [0.0; 16], mins: [0.0; 16], levels: [0; QK_K], sw: [0.0; 16] };
+    let mut f = Fits16 {
+        scales: [0.0; 16],
+        mins: [0.0; 16],
+        levels: [0; QK_K],
+        sw: [0.0; 16],
+    };
     let sigma2 = sum_squares(&x[..QK_K]) / QK_K as f32;
     let mut weights = [0f32; 16];
     let mut laux = [0u8; 16];
@@ -125,7 +136,11 @@ impl BlockQuant for Q2K {
     const TYPE: GgmlType = GgmlType::Q2_K;
 
     fn quantize_row_ref(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+        for (b, (x, y)) in src
+            .chunks_exact(QK_K)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+            .enumerate()
+        {
             let (f, (sc, d, dmin)) = match imatrix {
                 None => {
                     let f = fit_ref(x);
@@ -154,7 +169,10 @@ impl BlockQuant for Q2K {
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = read_f16(&x[80..82]);
             let min = read_f16(&x[82..84]);
             for h in 0..2 {
@@ -192,7 +210,11 @@ mod avx2 {
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+        for (b, (x, y)) in src
+            .chunks_exact(QK_K)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+            .enumerate()
+        {
             let qw = imatrix.map(|w| &w[QK_K * b..QK_K * (b + 1)]);
             let f = lanes::fit_q2k(x, qw);
             let (sc, d, dmin) = match qw {
@@ -214,7 +236,10 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn dequantize_row(src: &[u8], dst: &mut [f32]) {
         let three = _mm256_set1_epi32(3);
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = read_f16(&x[80..82]);
             let min = read_f16(&x[82..84]);
             for h in 0..2 {
@@ -229,8 +254,14 @@ mod avx2 {
                         for g in 0..2 {
                             let p = q.add(16 * half + 8 * g) as *const __m128i;
                             let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p));
-                            let v = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(b, shift), three));
-                            _mm256_storeu_ps(out.add(8 * g), _mm256_sub_ps(_mm256_mul_ps(dl, v), ml));
+                            let v = _mm256_cvtepi32_ps(_mm256_and_si256(
+                                _mm256_srl_epi32(b, shift),
+                                three,
+                            ));
+                            _mm256_storeu_ps(
+                                out.add(8 * g),
+                                _mm256_sub_ps(_mm256_mul_ps(dl, v), ml),
+                            );
                         }
                     }
                 }

@@ -38,7 +38,12 @@ pub fn scale_at(s: &[u8], j: usize) -> i32 {
 /// The search of quantize_row_q3_K_ref: make_q3_quants per sub-block. Levels are offset by +4.
 fn fit_ref(x: &[f32], scales: &mut [f32; 16], levels: &mut [i8; QK_K]) {
     for j in 0..16 {
-        scales[j] = make_q3_quants(4, &x[16 * j..16 * j + 16], &mut levels[16 * j..16 * j + 16], true);
+        scales[j] = make_q3_quants(
+            4,
+            &x[16 * j..16 * j + 16],
+            &mut levels[16 * j..16 * j + 16],
+            true,
+        );
     }
 }
 
@@ -126,7 +131,11 @@ impl BlockQuant for Q3K {
     const TYPE: GgmlType = GgmlType::Q3_K;
 
     fn quantize_row_ref(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+        for (b, (x, y)) in src
+            .chunks_exact(QK_K)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+            .enumerate()
+        {
             let mut levels = [0i8; QK_K];
             let (scales, d) = match imatrix {
                 None => {
@@ -151,7 +160,10 @@ impl BlockQuant for Q3K {
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let hm = &x[..32];
             let s = &x[96..108];
             let d_all = read_f16(&x[108..110]);
@@ -230,9 +242,16 @@ mod avx2 {
 
     /// Final levels against the stored scales, then packing.
     #[target_feature(enable = "avx2")]
-    unsafe fn finish_block(x: &[f32], y: &mut [u8], fit: &[[__m256; 16]], scales: [u8; 12], d: f32) {
+    unsafe fn finish_block(
+        x: &[f32],
+        y: &mut [u8],
+        fit: &[[__m256; 16]],
+        scales: [u8; 12],
+        d: f32,
+    ) {
         let d16 = round_f16(d);
-        let dm: [(f32, f32); 16] = std::array::from_fn(|j| (d16 * scale_at(&scales, j) as f32, 0.0));
+        let dm: [(f32, f32); 16] =
+            std::array::from_fn(|j| (d16 * scale_at(&scales, j) as f32, 0.0));
         let mut levels = [0u8; QK_K];
         lanes::levels_16(x, fit, &dm, -4, 3, &mut levels);
         let (hmask, rest) = y.split_at_mut(32);
@@ -246,7 +265,10 @@ mod avx2 {
         let three = _mm256_set1_epi32(3);
         let four = _mm256_set1_epi32(4);
         let zero = _mm256_setzero_si256();
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let s = &x[96..108];
             let d_all = read_f16(&x[108..110]);
             for h in 0..2 {
@@ -259,13 +281,19 @@ mod avx2 {
                         let out = y.as_mut_ptr().add(128 * h + 32 * sh + 16 * half);
                         for g in 0..2 {
                             let k = 16 * half + 8 * g;
-                            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(k) as *const __m128i));
-                            let hb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(x.as_ptr().add(k) as *const __m128i));
+                            let b =
+                                _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(k) as *const __m128i));
+                            let hb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                x.as_ptr().add(k) as *const __m128i
+                            ));
                             let lo = _mm256_and_si256(_mm256_srl_epi32(b, shift), three);
                             // Subtract 4 where the high bit is clear.
                             let clear = _mm256_cmpeq_epi32(_mm256_and_si256(hb, m), zero);
                             let v = _mm256_sub_epi32(lo, _mm256_and_si256(clear, four));
-                            _mm256_storeu_ps(out.add(8 * g), _mm256_mul_ps(dl, _mm256_cvtepi32_ps(v)));
+                            _mm256_storeu_ps(
+                                out.add(8 * g),
+                                _mm256_mul_ps(dl, _mm256_cvtepi32_ps(v)),
+                            );
                         }
                     }
                 }
@@ -321,7 +349,8 @@ mod tests {
             let (mut a, mut b) = ([0i8; 16], [0i8; 16]);
             let sa = make_qx_quants(32, &x, &mut a, 1, Some(&w));
             // SAFETY: AVX2 is present (checked above).
-            let sb = unsafe { crate::quant::kquants::lanes::qx_quants_weighted(32, &x, &mut b, &w) };
+            let sb =
+                unsafe { crate::quant::kquants::lanes::qx_quants_weighted(32, &x, &mut b, &w) };
             assert_eq!((sa.to_bits(), a), (sb.to_bits(), b), "seed {seed}");
         }
     }

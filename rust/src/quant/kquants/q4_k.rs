@@ -23,7 +23,11 @@ pub(crate) struct SubFits {
 /// The per-sub-block search of quantize_row_q4_K_ref (and q5_K's, with its own parameters):
 /// weights av_x + |x|, make_qkx2_quants.
 pub(crate) fn fit_ref(x: &[f32], nmax: i32, rmin: f32, rdelta: f32, nstep: i32) -> SubFits {
-    let mut f = SubFits { scales: [0.0; 8], mins: [0.0; 8], levels: [0; QK_K] };
+    let mut f = SubFits {
+        scales: [0.0; 8],
+        mins: [0.0; 8],
+        levels: [0; QK_K],
+    };
     let mut weights = [0f32; 32];
     let mut laux = [0u8; 32];
     for j in 0..8 {
@@ -33,7 +37,14 @@ pub(crate) fn fit_ref(x: &[f32], nmax: i32, rmin: f32, rdelta: f32, nstep: i32) 
             *w = av_x + v.abs();
         }
         let (s, m) = make_qkx2_quants(
-            nmax, xs, &weights, &mut f.levels[32 * j..32 * j + 32], &mut laux, rmin, rdelta, nstep,
+            nmax,
+            xs,
+            &weights,
+            &mut f.levels[32 * j..32 * j + 32],
+            &mut laux,
+            rmin,
+            rdelta,
+            nstep,
             false,
         );
         f.scales[j] = s;
@@ -45,7 +56,11 @@ pub(crate) fn fit_ref(x: &[f32], nmax: i32, rmin: f32, rdelta: f32, nstep: i32) 
 /// The per-sub-block search of quantize_row_q4_K_impl: imatrix weights, make_qkx3_quants; also
 /// returns the per-sub-block weight sums.
 pub(crate) fn fit_imatrix_ref(x: &[f32], qw: &[f32], nmax: i32) -> (SubFits, [f32; 8]) {
-    let mut f = SubFits { scales: [0.0; 8], mins: [0.0; 8], levels: [0; QK_K] };
+    let mut f = SubFits {
+        scales: [0.0; 8],
+        mins: [0.0; 8],
+        levels: [0; QK_K],
+    };
     let mut sw = [0f32; 8];
     let sigma2 = 2.0 * sum_squares(&x[..QK_K]) / QK_K as f32;
     let mut weights = [0f32; 32];
@@ -61,7 +76,14 @@ pub(crate) fn fit_imatrix_ref(x: &[f32], qw: &[f32], nmax: i32) -> (SubFits, [f3
         }
         sw[j] = sumw;
         let (s, m) = make_qkx3_quants(
-            nmax, xs, Some(&weights), &mut f.levels[32 * j..32 * j + 32], &mut laux, -0.9, 0.05, 36,
+            nmax,
+            xs,
+            Some(&weights),
+            &mut f.levels[32 * j..32 * j + 32],
+            &mut laux,
+            -0.9,
+            0.05,
+            36,
             false,
         );
         f.scales[j] = s;
@@ -83,7 +105,11 @@ pub(crate) fn scales_from_max(scales: &[f32], mins: &[f32]) -> ([u8; 12], f32, f
             max_min = mins[j];
         }
     }
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
@@ -92,24 +118,42 @@ pub(crate) fn scales_from_max(scales: &[f32], mins: &[f32]) -> ([u8; 12], f32, f
         ls[j] = (nearest_int(inv_scale * scales[j]) as u8).min(63);
         lm[j] = (nearest_int(inv_min * mins[j]) as u8).min(63);
     }
-    (pack_scale_min_k4(&ls, &lm), max_scale / 63.0, max_min / 63.0)
+    (
+        pack_scale_min_k4(&ls, &lm),
+        max_scale / 63.0,
+        max_min / 63.0,
+    )
 }
 
 /// Quantizes the sub-block scales and mins of the imatrix path with make_qp_quants.
-pub(crate) fn scales_from_qp(scales: &[f32], mins: &[f32], sw: &[f32], clamp63: bool) -> ([u8; 12], f32, f32) {
+pub(crate) fn scales_from_qp(
+    scales: &[f32],
+    mins: &[f32],
+    sw: &[f32],
+    clamp63: bool,
+) -> ([u8; 12], f32, f32) {
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
     let d_block = make_qp_quants(63, &scales[..8], &mut ls, &sw[..8]);
     let m_block = make_qp_quants(63, &mins[..8], &mut lm, &sw[..8]);
     if clamp63 {
-        ls.iter_mut().chain(lm.iter_mut()).for_each(|v| *v = (*v).min(63));
+        ls.iter_mut()
+            .chain(lm.iter_mut())
+            .for_each(|v| *v = (*v).min(63));
     }
     (pack_scale_min_k4(&ls, &lm), d_block, m_block)
 }
 
 /// Final levels given the stored scales: nearest_int((x + dm)/d) clamped to [0, nmax]; a
 /// sub-block whose scale is 0 keeps the search's levels.
-pub(crate) fn requantize_ref(x: &[f32], scales: &[u8], d: f32, dmin: f32, nmax: i32, levels: &mut [u8; QK_K]) {
+pub(crate) fn requantize_ref(
+    x: &[f32],
+    scales: &[u8],
+    d: f32,
+    dmin: f32,
+    nmax: i32,
+    levels: &mut [u8; QK_K],
+) {
     for j in 0..8 {
         let (sc, m) = get_scale_min_k4(j, scales);
         let d = d * sc as f32;
@@ -136,7 +180,14 @@ fn pack_block(y: &mut [u8], scales: &[u8; 12], d: f32, dmin: f32, levels: &[u8; 
 }
 
 /// Stores the block, then requantizes against the f16-rounded d/dmin and packs the levels.
-fn finish_block(x: &[f32], y: &mut [u8], scales: [u8; 12], d: f32, dmin: f32, mut levels: [u8; QK_K]) {
+fn finish_block(
+    x: &[f32],
+    y: &mut [u8],
+    scales: [u8; 12],
+    d: f32,
+    dmin: f32,
+    mut levels: [u8; QK_K],
+) {
     requantize_ref(x, &scales, round_f16(d), round_f16(dmin), 15, &mut levels);
     pack_block(y, &scales, d, dmin, &levels);
 }
@@ -145,7 +196,11 @@ impl BlockQuant for Q4K {
     const TYPE: GgmlType = GgmlType::Q4_K;
 
     fn quantize_row_ref(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+        for (b, (x, y)) in src
+            .chunks_exact(QK_K)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+            .enumerate()
+        {
             match imatrix {
                 None => {
                     let f = fit_ref(x, 15, -1.0, 0.1, 20);
@@ -171,7 +226,10 @@ impl BlockQuant for Q4K {
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = read_f16(&x[0..2]);
             let min = read_f16(&x[2..4]);
             let scales = &x[4..16];
@@ -221,9 +279,18 @@ pub(crate) mod avx2 {
 
     /// Q4_K/Q5_K rows: super-blocks are fitted two at a time, then finished one by one.
     #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn quantize_row_k45(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>, t: &K45) {
+    pub(crate) unsafe fn quantize_row_k45(
+        src: &[f32],
+        dst: &mut [u8],
+        imatrix: Option<&[f32]>,
+        t: &K45,
+    ) {
         let nb = src.len() / QK_K;
-        let (rmin, rdelta, nstep) = if imatrix.is_some() { (-0.9, 0.05, 36) } else { t.search };
+        let (rmin, rdelta, nstep) = if imatrix.is_some() {
+            (-0.9, 0.05, 36)
+        } else {
+            t.search
+        };
         let mut b = 0;
         while b < nb {
             let n = if b + 1 < nb { 2 } else { 1 };
@@ -233,7 +300,15 @@ pub(crate) mod avx2 {
             if n == 2 {
                 let f = lanes::fit_q45k::<2>(xs, qw, t.nmax, rmin, rdelta, nstep);
                 for k in 0..2 {
-                    finish_k45(&xs[QK_K * k..], &mut ys[t.block_bytes * k..], &f.levels[k..k + 1], &f, k, imatrix.is_some(), t);
+                    finish_k45(
+                        &xs[QK_K * k..],
+                        &mut ys[t.block_bytes * k..],
+                        &f.levels[k..k + 1],
+                        &f,
+                        k,
+                        imatrix.is_some(),
+                        t,
+                    );
                 }
             } else {
                 let f = lanes::fit_q45k::<1>(xs, qw, t.nmax, rmin, rdelta, nstep);
@@ -254,10 +329,26 @@ pub(crate) mod avx2 {
         weighted: bool,
         t: &K45,
     ) {
-        let (sc, mn, sw) = (&f.scales[8 * k..8 * k + 8], &f.mins[8 * k..8 * k + 8], &f.sw[8 * k..8 * k + 8]);
-        let (scales, d, dmin) = if weighted { scales_from_qp(sc, mn, sw, t.clamp63) } else { scales_from_max(sc, mn) };
+        let (sc, mn, sw) = (
+            &f.scales[8 * k..8 * k + 8],
+            &f.mins[8 * k..8 * k + 8],
+            &f.sw[8 * k..8 * k + 8],
+        );
+        let (scales, d, dmin) = if weighted {
+            scales_from_qp(sc, mn, sw, t.clamp63)
+        } else {
+            scales_from_max(sc, mn)
+        };
         let mut levels = [0u8; QK_K];
-        lanes::levels_k4(x, fit, &scales, round_f16(d), round_f16(dmin), t.nmax, &mut levels);
+        lanes::levels_k4(
+            x,
+            fit,
+            &scales,
+            round_f16(d),
+            round_f16(dmin),
+            t.nmax,
+            &mut levels,
+        );
         y[0..2].copy_from_slice(&f16_le(d));
         y[2..4].copy_from_slice(&f16_le(dmin));
         y[4..16].copy_from_slice(&scales);
@@ -269,7 +360,13 @@ pub(crate) mod avx2 {
         lanes::pack_q4(levels, qs)
     }
 
-    const Q4: K45 = K45 { nmax: 15, search: (-1.0, 0.1, 20), clamp63: false, block_bytes: BLOCK_BYTES, pack };
+    const Q4: K45 = K45 {
+        nmax: 15,
+        search: (-1.0, 0.1, 20),
+        clamp63: false,
+        block_bytes: BLOCK_BYTES,
+        pack,
+    };
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
@@ -278,7 +375,10 @@ pub(crate) mod avx2 {
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn dequantize_row(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = read_f16(&x[0..2]);
             let min = read_f16(&x[2..4]);
             let scales = &x[4..16];
@@ -298,7 +398,10 @@ pub(crate) mod avx2 {
                     let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
                     // Separate mul and sub, as the reference (no FMA).
                     _mm256_storeu_ps(out.add(8 * g), _mm256_sub_ps(_mm256_mul_ps(d1, lo), m1));
-                    _mm256_storeu_ps(out.add(32 + 8 * g), _mm256_sub_ps(_mm256_mul_ps(d2, hi), m2));
+                    _mm256_storeu_ps(
+                        out.add(32 + 8 * g),
+                        _mm256_sub_ps(_mm256_mul_ps(d2, hi), m2),
+                    );
                 }
             }
         }

@@ -33,7 +33,11 @@ impl BlockQuant for Q5K {
     const TYPE: GgmlType = GgmlType::Q5_K;
 
     fn quantize_row_ref(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+        for (b, (x, y)) in src
+            .chunks_exact(QK_K)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+            .enumerate()
+        {
             let (f, (scales, d, dmin)) = match imatrix {
                 None => {
                     let f = fit_ref(x, 31, -0.5, 0.1, 15);
@@ -62,7 +66,10 @@ impl BlockQuant for Q5K {
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = read_f16(&x[0..2]);
             let min = read_f16(&x[2..4]);
             let scales = &x[4..16];
@@ -109,7 +116,13 @@ mod avx2 {
         lanes::pack_q5(levels, qh, qs)
     }
 
-    const Q5: K45 = K45 { nmax: 31, search: (-0.5, 0.1, 15), clamp63: true, block_bytes: BLOCK_BYTES, pack };
+    const Q5: K45 = K45 {
+        nmax: 31,
+        search: (-0.5, 0.1, 15),
+        clamp63: true,
+        block_bytes: BLOCK_BYTES,
+        pack,
+    };
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
@@ -118,7 +131,10 @@ mod avx2 {
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn dequantize_row(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = read_f16(&x[0..2]);
             let min = read_f16(&x[2..4]);
             let scales = &x[4..16];
@@ -138,15 +154,24 @@ mod avx2 {
                     let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ql.add(8 * g) as *const __m128i));
                     let hb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qh.add(8 * g) as *const __m128i));
                     // Fifth bits of element l (bit 2h) and l+32 (bit 2h+1), moved to value 16.
-                    let h1 = _mm256_and_si256(_mm256_slli_epi32(_mm256_srl_epi32(hb, _mm_cvtsi32_si128(2 * h as i32)), 4), bit16);
+                    let h1 = _mm256_and_si256(
+                        _mm256_slli_epi32(_mm256_srl_epi32(hb, _mm_cvtsi32_si128(2 * h as i32)), 4),
+                        bit16,
+                    );
                     let h2 = _mm256_and_si256(
-                        _mm256_slli_epi32(_mm256_srl_epi32(hb, _mm_cvtsi32_si128(2 * h as i32 + 1)), 4),
+                        _mm256_slli_epi32(
+                            _mm256_srl_epi32(hb, _mm_cvtsi32_si128(2 * h as i32 + 1)),
+                            4,
+                        ),
                         bit16,
                     );
                     let lo = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(b, mask), h1));
                     let hi = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(b, 4), h2));
                     _mm256_storeu_ps(out.add(8 * g), _mm256_sub_ps(_mm256_mul_ps(d1, lo), m1));
-                    _mm256_storeu_ps(out.add(32 + 8 * g), _mm256_sub_ps(_mm256_mul_ps(d2, hi), m2));
+                    _mm256_storeu_ps(
+                        out.add(32 + 8 * g),
+                        _mm256_sub_ps(_mm256_mul_ps(d2, hi), m2),
+                    );
                 }
             }
         }

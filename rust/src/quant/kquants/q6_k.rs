@@ -18,7 +18,13 @@ pub const Q6_K_KERNELS: Kernels = kernels_of::<Q6K>();
 fn fit_ref(x: &[f32], qw: Option<&[f32]>, scales: &mut [f32; 16], levels: &mut [i8; QK_K]) {
     for j in 0..16 {
         let w = qw.map(|w| &w[16 * j..16 * j + 16]);
-        scales[j] = make_qx_quants(32, &x[16 * j..16 * j + 16], &mut levels[16 * j..16 * j + 16], 1, w);
+        scales[j] = make_qx_quants(
+            32,
+            &x[16 * j..16 * j + 16],
+            &mut levels[16 * j..16 * j + 16],
+            1,
+            w,
+        );
     }
 }
 
@@ -60,7 +66,12 @@ fn pack_block(y: &mut [u8], d: f32, sc: &[i8; 16], levels: &[i8; QK_K]) {
         let ql = &mut ql[64 * h..64 * h + 64];
         let qh = &mut qh[32 * h..32 * h + 32];
         for i in 0..32 {
-            let (a, b, c, e) = (l[i] as u8, l[i + 32] as u8, l[i + 64] as u8, l[i + 96] as u8);
+            let (a, b, c, e) = (
+                l[i] as u8,
+                l[i + 32] as u8,
+                l[i + 64] as u8,
+                l[i + 96] as u8,
+            );
             ql[i] = (a & 0xF) | ((c & 0xF) << 4);
             ql[i + 32] = (b & 0xF) | ((e & 0xF) << 4);
             qh[i] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6);
@@ -76,10 +87,19 @@ impl BlockQuant for Q6K {
     const TYPE: GgmlType = GgmlType::Q6_K;
 
     fn quantize_row_ref(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+        for (b, (x, y)) in src
+            .chunks_exact(QK_K)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+            .enumerate()
+        {
             let mut levels = [0i8; QK_K];
             let mut scales = [0f32; 16];
-            fit_ref(x, imatrix.map(|w| &w[QK_K * b..QK_K * (b + 1)]), &mut scales, &mut levels);
+            fit_ref(
+                x,
+                imatrix.map(|w| &w[QK_K * b..QK_K * (b + 1)]),
+                &mut scales,
+                &mut levels,
+            );
             match quantize_scales(&scales) {
                 None => y.fill(0),
                 Some((d, sc)) => {
@@ -100,7 +120,10 @@ impl BlockQuant for Q6K {
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = read_f16(&x[208..210]);
             for h in 0..2 {
                 let ql = &x[64 * h..64 * h + 64];
@@ -141,7 +164,11 @@ mod avx2 {
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+        for (b, (x, y)) in src
+            .chunks_exact(QK_K)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+            .enumerate()
+        {
             let f = lanes::fit_q6k(x, imatrix.map(|w| &w[QK_K * b..QK_K * (b + 1)]));
             let Some((d, sc)) = quantize_scales(&f.scales) else {
                 y.fill(0);
@@ -166,7 +193,10 @@ mod avx2 {
         let low = _mm256_set1_epi32(0xF);
         let three = _mm256_set1_epi32(3);
         let off = _mm256_set1_epi32(32);
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = read_f16(&x[208..210]);
             for h in 0..2 {
                 let ql = x.as_ptr().add(64 * h);
@@ -180,9 +210,12 @@ mod avx2 {
                     let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ql.add(l + 32) as *const __m128i));
                     let hb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qh.add(l) as *const __m128i));
                     let h0 = _mm256_slli_epi32(_mm256_and_si256(hb, three), 4);
-                    let h2 = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 2), three), 4);
-                    let h4 = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 4), three), 4);
-                    let h6 = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 6), three), 4);
+                    let h2 =
+                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 2), three), 4);
+                    let h4 =
+                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 4), three), 4);
+                    let h6 =
+                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 6), three), 4);
                     let q1 = _mm256_sub_epi32(_mm256_or_si256(_mm256_and_si256(a, low), h0), off);
                     let q2 = _mm256_sub_epi32(_mm256_or_si256(_mm256_and_si256(b, low), h2), off);
                     let q3 = _mm256_sub_epi32(_mm256_or_si256(_mm256_srli_epi32(a, 4), h4), off);
@@ -190,10 +223,22 @@ mod avx2 {
                     // (d * sc) * q, as the reference evaluates it.
                     let ds = |k: usize| d * sc[is + 2 * k] as i8 as f32;
                     let (d0, d1, d2, d3) = (ds(0), ds(1), ds(2), ds(3));
-                    _mm256_storeu_ps(out.add(l), _mm256_mul_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(q1)));
-                    _mm256_storeu_ps(out.add(l + 32), _mm256_mul_ps(_mm256_set1_ps(d1), _mm256_cvtepi32_ps(q2)));
-                    _mm256_storeu_ps(out.add(l + 64), _mm256_mul_ps(_mm256_set1_ps(d2), _mm256_cvtepi32_ps(q3)));
-                    _mm256_storeu_ps(out.add(l + 96), _mm256_mul_ps(_mm256_set1_ps(d3), _mm256_cvtepi32_ps(q4)));
+                    _mm256_storeu_ps(
+                        out.add(l),
+                        _mm256_mul_ps(_mm256_set1_ps(d0), _mm256_cvtepi32_ps(q1)),
+                    );
+                    _mm256_storeu_ps(
+                        out.add(l + 32),
+                        _mm256_mul_ps(_mm256_set1_ps(d1), _mm256_cvtepi32_ps(q2)),
+                    );
+                    _mm256_storeu_ps(
+                        out.add(l + 64),
+                        _mm256_mul_ps(_mm256_set1_ps(d2), _mm256_cvtepi32_ps(q3)),
+                    );
+                    _mm256_storeu_ps(
+                        out.add(l + 96),
+                        _mm256_mul_ps(_mm256_set1_ps(d3), _mm256_cvtepi32_ps(q4)),
+                    );
                 }
             }
         }

@@ -26,7 +26,10 @@ fn signed_absmax(x: &[f32]) -> (f32, f32) {
 
 fn write_bsums(y: &mut [u8]) {
     for j in 0..16 {
-        let sum: i32 = y[4 + 16 * j..20 + 16 * j].iter().map(|q| *q as i8 as i32).sum();
+        let sum: i32 = y[4 + 16 * j..20 + 16 * j]
+            .iter()
+            .map(|q| *q as i8 as i32)
+            .sum();
         y[260 + 2 * j..262 + 2 * j].copy_from_slice(&(sum as i16).to_le_bytes());
     }
 }
@@ -37,7 +40,10 @@ impl BlockQuant for Q8K {
     /// quantize_row_q8_K_ref: iscale = -127/max (max the signed absmax), q = min(127, round).
     /// An all-zero block is written as zeros (ggml leaves its bsums unwritten).
     fn quantize_row_ref(src: &[f32], dst: &mut [u8], _imatrix: Option<&[f32]>) {
-        for (x, y) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+        for (x, y) in src
+            .chunks_exact(QK_K)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        {
             let (amax, max) = signed_absmax(x);
             if amax == 0.0 {
                 y.fill(0);
@@ -62,7 +68,10 @@ impl BlockQuant for Q8K {
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
             for (o, q) in y.iter_mut().zip(&x[4..260]) {
                 *o = d * *q as i8 as f32;
@@ -93,7 +102,10 @@ mod avx2 {
         let sign = _mm256_set1_ps(-0.0);
         let mut m = _mm256_setzero_ps();
         for k in 0..QK_K / 8 {
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x.as_ptr().add(8 * k))));
+            m = _mm256_max_ps(
+                m,
+                _mm256_andnot_ps(sign, _mm256_loadu_ps(x.as_ptr().add(8 * k))),
+            );
         }
         let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
         let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
@@ -104,7 +116,10 @@ mod avx2 {
         let target = _mm256_set1_ps(amax);
         for k in 0..QK_K / 8 {
             let v = _mm256_loadu_ps(x.as_ptr().add(8 * k));
-            let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, v), target));
+            let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(
+                _mm256_andnot_ps(sign, v),
+                target,
+            ));
             if hit != 0 {
                 return (amax, x[8 * k + hit.trailing_zeros() as usize]);
             }
@@ -120,7 +135,10 @@ mod avx2 {
         let top = _mm256_set1_epi32(127);
         let byte = _mm256_set1_epi32(0xFF);
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        for (x, y) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+        for (x, y) in src
+            .chunks_exact(QK_K)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        {
             let (amax, max) = signed_absmax_avx2(x);
             if amax == 0.0 {
                 y.fill(0);
@@ -134,12 +152,16 @@ mod avx2 {
                 for (k, qk) in q.iter_mut().enumerate() {
                     let v = _mm256_loadu_ps(x.as_ptr().add(32 * c + 8 * k));
                     let t = _mm256_castps_si256(_mm256_add_ps(_mm256_mul_ps(vs, v), magic));
-                    let v = _mm256_min_epi32(_mm256_sub_epi32(_mm256_and_si256(t, mant), bias), top);
+                    let v =
+                        _mm256_min_epi32(_mm256_sub_epi32(_mm256_and_si256(t, mant), bias), top);
                     // Keep the low byte, as C's int -> int8_t store does (an infinite iscale from
                     // a denormal max yields out-of-range values that must wrap, not saturate).
                     *qk = _mm256_and_si256(v, byte);
                 }
-                let p = _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]), _mm256_packus_epi32(q[2], q[3]));
+                let p = _mm256_packus_epi16(
+                    _mm256_packus_epi32(q[0], q[1]),
+                    _mm256_packus_epi32(q[2], q[3]),
+                );
                 let p = _mm256_permutevar8x32_epi32(p, order);
                 _mm256_storeu_si256(y.as_mut_ptr().add(4 + 32 * c) as *mut __m256i, p);
                 // bsums of the two 16-element groups: sums of the stored (sign-extended) bytes.
@@ -164,11 +186,19 @@ mod avx2 {
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn dequantize_row(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = _mm256_set1_ps(f32::from_le_bytes([x[0], x[1], x[2], x[3]]));
             for g in 0..32 {
-                let b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(x.as_ptr().add(4 + 8 * g) as *const __m128i));
-                _mm256_storeu_ps(y.as_mut_ptr().add(8 * g), _mm256_mul_ps(d, _mm256_cvtepi32_ps(b)));
+                let b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                    x.as_ptr().add(4 + 8 * g) as *const __m128i
+                ));
+                _mm256_storeu_ps(
+                    y.as_mut_ptr().add(8 * g),
+                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(b)),
+                );
             }
         }
     }
@@ -221,8 +251,14 @@ mod tests {
         let mut y = vec![0u8; BLOCK_BYTES];
         Q8K::quantize_row_ref(&x, &mut y, None);
         for j in 0..16 {
-            let s: i32 = y[4 + 16 * j..20 + 16 * j].iter().map(|q| *q as i8 as i32).sum();
-            assert_eq!(i16::from_le_bytes([y[260 + 2 * j], y[261 + 2 * j]]) as i32, s);
+            let s: i32 = y[4 + 16 * j..20 + 16 * j]
+                .iter()
+                .map(|q| *q as i8 as i32)
+                .sum();
+            assert_eq!(
+                i16::from_le_bytes([y[260 + 2 * j], y[261 + 2 * j]]) as i32,
+                s
+            );
         }
     }
 }

@@ -173,12 +173,18 @@ mod tests {
                 crate::quant::testdata::gaussian(case, n)
             };
             let mut w = importance(1000 + case, n);
-            match case % 6 {
+            match case % 8 {
                 1 => w.iter_mut().step_by(3).for_each(|v| *v = 0.0),
                 2 => w[..64].fill(0.0),
                 3 => x.iter_mut().for_each(|v| *v = v.abs()),
                 4 => x[..32].fill(0.25),
                 5 => x.iter_mut().for_each(|v| *v = (*v * 40.0).round() / 8.0),
+                // Overflowing and underflowing weighted sums must still agree.
+                6 => w.iter_mut().for_each(|v| *v *= 1e30),
+                7 => {
+                    x.iter_mut().for_each(|v| *v *= 1e15);
+                    w.iter_mut().for_each(|v| *v *= 1e-30);
+                }
                 _ => x[(r.next_u64() % n as u64) as usize] = 3.0,
             }
             for k in [&Q4_0_KERNELS, &Q4_1_KERNELS, &Q5_0_KERNELS, &Q5_1_KERNELS] {

@@ -151,8 +151,7 @@ mod avx2 {
         let sixteen = _mm256_set1_epi32(16);
         for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK)) {
             let d = _mm256_set1_ps(f16_at(x));
-            let mut q = unpack_nibbles(&x[6..]);
-            add_high_bits(&mut q, u32::from_le_bytes([x[2], x[3], x[4], x[5]]));
+            let q = unpack_q5_levels(&x[6..], u32::from_le_bytes([x[2], x[3], x[4], x[5]]));
             store_block(
                 y,
                 q.map(|l| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(l, sixteen)), d)),

@@ -166,8 +166,7 @@ mod avx2 {
         for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK)) {
             let d = _mm256_set1_ps(f16_at(x));
             let m = _mm256_set1_ps(f16_at(&x[2..]));
-            let mut q = unpack_nibbles(&x[8..]);
-            add_high_bits(&mut q, u32::from_le_bytes([x[4], x[5], x[6], x[7]]));
+            let q = unpack_q5_levels(&x[8..], u32::from_le_bytes([x[4], x[5], x[6], x[7]]));
             // mul then add, never fused, like ggml's x*d + m.
             store_block(
                 y,

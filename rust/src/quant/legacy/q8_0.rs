@@ -16,7 +16,10 @@ impl BlockQuant for Q8_0 {
 
     /// quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d) (half away from zero).
     fn quantize_row_ref(src: &[f32], dst: &mut [u8], _imatrix: Option<&[f32]>) {
-        for (x, y) in src.chunks_exact(QK8_0).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+        for (x, y) in src
+            .chunks_exact(QK8_0)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };

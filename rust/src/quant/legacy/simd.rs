@@ -168,16 +168,39 @@ pub(crate) unsafe fn unpack_nibbles(qs: &[u8]) -> [__m256i; 4] {
     ]
 }
 
-/// Adds bit j of `qh` as bit 4 of level j.
+/// The 32 five-bit levels of a Q5 block (nibbles in `qs`, bit j of `qh` = bit 4 of level j),
+/// widened to 4×8 i32. The high bits are spread one per byte with a shuffle and a bit test.
 #[inline]
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn add_high_bits(levels: &mut [__m256i; 4], qh: u32) {
-    let shifts = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let one = _mm256_set1_epi32(1);
-    for (k, l) in levels.iter_mut().enumerate() {
-        let bits = _mm256_srlv_epi32(_mm256_set1_epi32((qh >> (8 * k)) as i32), shifts);
-        *l = _mm256_or_si256(*l, _mm256_slli_epi32::<4>(_mm256_and_si256(bits, one)));
-    }
+pub(crate) unsafe fn unpack_q5_levels(qs: &[u8], qh: u32) -> [__m256i; 4] {
+    debug_assert!(qs.len() >= 16);
+    let raw = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+    let m = _mm_set1_epi8(0x0F);
+    let nibbles = _mm256_set_m128i(
+        _mm_and_si128(_mm_srli_epi16::<4>(raw), m),
+        _mm_and_si128(raw, m),
+    );
+    // Byte j takes byte j/8 of qh (shuffles stay inside each 128-bit lane, so lane 1 uses 2 and 3).
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(qh as i32),
+        _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        ),
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    let levels = _mm256_or_si256(nibbles, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+    let (lo, hi) = (
+        _mm256_castsi256_si128(levels),
+        _mm256_extracti128_si256::<1>(levels),
+    );
+    [
+        widen_u8(lo),
+        widen_u8(_mm_srli_si128::<8>(lo)),
+        widen_u8(hi),
+        widen_u8(_mm_srli_si128::<8>(hi)),
+    ]
 }
 
 /// Stores 32 floats.
