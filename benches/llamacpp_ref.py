@@ -137,6 +137,12 @@ def _traits(type_name: str) -> _TypeTraits:
     return t
 
 
+@functools.lru_cache(maxsize=4)
+def _pool(nthreads: int) -> ThreadPoolExecutor:
+    """A kept thread pool, so timing many small calls does not time thread start-up."""
+    return ThreadPoolExecutor(nthreads, thread_name_prefix="llamacpp_ref")
+
+
 def quantize(
     type_name: str,
     rows: np.ndarray,
@@ -185,10 +191,10 @@ def quantize(
         run(0, n_rows)
     else:
         bounds = np.linspace(0, n_rows, nthreads + 1).astype(int)
-        with ThreadPoolExecutor(nthreads) as pool:
-            futures = [pool.submit(run, int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-            for f in futures:
-                f.result()
+        pool = _pool(nthreads)
+        futures = [pool.submit(run, int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        for f in futures:
+            f.result()
     return out
 
 

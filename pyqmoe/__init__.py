@@ -25,6 +25,7 @@ __all__ = [
     "default_model_path",
     "dequantize",
     "quantize",
+    "rewrite",
     "type_info",
 ]
 
@@ -32,8 +33,7 @@ __all__ = [
 def type_info() -> dict[str, dict]:
     """Every ggml type: id, block size, bytes per block, and whether pyqmoe can convert it."""
     return {
-        name: {"id": tid, "block_size": bs, "type_size": ts, "supported": ok}
-        for name, tid, bs, ts, ok in _core.types()
+        name: {"id": tid, "block_size": bs, "type_size": ts, "supported": ok} for name, tid, bs, ts, ok in _core.types()
     }
 
 
@@ -57,3 +57,9 @@ def dequantize(raw, qtype: str, shape, *, name: str = "array") -> np.ndarray:
     shape = tuple(int(s) for s in np.atleast_1d(shape))
     data = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
     return _core.dequantize(data, qtype, shape[-1], name).reshape(shape)
+
+
+def rewrite(src, dst, *, split_max_bytes: int | None = None, split_max_tensors: int | None = None):
+    """Copy a model (any part of a split model opens all parts) to ``dst``, unchanged, optionally
+    re-split llama.cpp style. Returns the written paths. Output is atomic."""
+    return _core.rewrite(str(src), str(dst), split_max_bytes, split_max_tensors)

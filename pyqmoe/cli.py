@@ -47,6 +47,157 @@ def inspect(file, as_json):
         click.echo(render_text(f))
 
 
+_SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _parse_size(ctx, param, value):
+    """llama.cpp's gguf-split sizes: a number with an optional K/M/G/T suffix (powers of 1000)."""
+    if value is None:
+        return None
+    v = value.strip().upper().removesuffix("B")
+    unit = v[-1] if v and v[-1] in "KMGT" else ""
+    try:
+        n = float(v[: len(v) - len(unit)]) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size like 500M or 50G") from None
+    if n <= 0:
+        raise click.BadParameter(f"{value!r} must be more than 0")
+    return int(n)
+
+
+def _rules(custom_q: tuple[str, ...], tensor_type: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(REGEX=TYPE, option name) in priority order: --custom-q lists first, then --tensor-type."""
+    rules = []
+    for group in custom_q:
+        rules += [(r.strip(), "--custom-q") for r in group.split(",") if r.strip()]
+    rules += [(r, "--tensor-type") for r in tensor_type]
+    return rules
+
+
+def _print_summary(paths, n_tensors, n_elements, n_bytes, per_type):
+    bpw = 8.0 * n_bytes / n_elements if n_elements else 0.0
+    click.echo(f"wrote {', '.join(str(p) for p in paths)}")
+    click.echo(f"model size: {n_bytes / 2**30:.3f} GiB ({n_bytes / 2**20:.2f} MiB, {bpw:.2f} BPW), {n_tensors} tensors")
+    for ty, n in sorted(per_type.items(), key=lambda kv: (-kv[1], kv[0])):
+        click.echo(f"  {ty}: {n} tensors")
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("input", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.argument("type")
+@click.argument("threads", type=click.IntRange(min=0), required=False)
+@click.option(
+    "--tensor-type",
+    multiple=True,
+    metavar="REGEX=TYPE",
+    help="Type for tensors whose name matches REGEX (repeatable; first match wins).",
+)
+@click.option(
+    "--custom-q",
+    multiple=True,
+    metavar="REGEX=TYPE,...",
+    help="ik_llama.cpp-style comma-separated rules, checked before --tensor-type.",
+)
+@click.option("--token-embedding-type", metavar="TYPE", help="Type of token_embd.weight.")
+@click.option("--output-tensor-type", metavar="TYPE", help="Type of output.weight.")
+@click.option("--allow-requantize", is_flag=True, help="Accept already-quantized inputs.")
+@click.option(
+    "--split-max-size",
+    callback=_parse_size,
+    metavar="SIZE",
+    help="Split the output into files of at most SIZE of tensor data (e.g. 50G).",
+)
+@click.option("--split-max-tensors", type=click.IntRange(min=1), help="At most N tensors per split file.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensor, shape, from -> to, MiB) and totals only.")
+def quantize(
+    input,
+    output,
+    type,
+    threads,
+    tensor_type,
+    custom_q,
+    token_embedding_type,
+    output_tensor_type,
+    allow_requantize,
+    split_max_size,
+    split_max_tensors,
+    dry_run,
+):
+    """Quantize INPUT to OUTPUT with default TYPE (e.g. Q8_0, Q4_K), using THREADS threads.
+
+    Norms and the MoE router stay as they are, like llama-quantize; a tensor whose rows are not
+    whole blocks of TYPE falls back as llama.cpp does. The output appears only when complete.
+    """
+    from tqdm import tqdm
+
+    rules = _rules(custom_q, tensor_type)
+    if dry_run:
+        plan = _core.quantize_plan(input, type, rules, token_embedding_type, output_tensor_type, allow_requantize)
+        nw = max(len(r[0]) for r in plan)
+        total_out = n_elem = 0
+        per_type: dict[str, int] = {}
+        for name, dims, src_t, dst_t, convert, _in_b, out_b, note in plan:
+            shape = "x".join(str(d) for d in reversed(dims))
+            action = f"{src_t:>7} -> {dst_t:<7}" if convert else f"{src_t:>7}    (copy)"
+            click.echo(
+                f"{name:<{nw}}  {shape:<18} {action} {out_b / 2**20:10.3f} MiB" + (f"  [{note}]" if note else "")
+            )
+            total_out += out_b
+            n = 1
+            for d in dims:
+                n *= d
+            n_elem += n
+            per_type[dst_t.lower()] = per_type.get(dst_t.lower(), 0) + 1
+        bpw = 8.0 * total_out / n_elem if n_elem else 0.0
+        click.echo(
+            f"total: {total_out / 2**30:.3f} GiB ({total_out / 2**20:.2f} MiB, {bpw:.2f} BPW), {len(plan)} tensors"
+        )
+        for ty, n in sorted(per_type.items(), key=lambda kv: (-kv[1], kv[0])):
+            click.echo(f"  {ty}: {n} tensors")
+        return
+
+    bar = None
+
+    def progress(event, *args):
+        nonlocal bar
+        if event == "start":
+            total_bytes, n_tensors = args
+            bar = tqdm(
+                total=total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"quantize {n_tensors} tensors",
+                dynamic_ncols=True,
+            )
+        else:
+            _index, row = args
+            if bar.n == 0 and _index == 0:
+                pass
+            bar.set_postfix_str(f"{row[0]} {row[2]}->{row[3]}", refresh=False)
+            bar.update(row[5])
+
+    try:
+        summary = _core.quantize_model(
+            input,
+            output,
+            type,
+            rules,
+            token_embedding_type,
+            output_tensor_type,
+            allow_requantize,
+            split_max_size,
+            split_max_tensors,
+            threads,
+            progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    _print_summary(*summary)
+
+
 @main.group()
 def models():
     """The model bundled with pyqmoe."""

@@ -35,9 +35,7 @@ def inspect_data(f: GGUFFile) -> dict[str, Any]:
         "version": f.version,
         "alignment": f.alignment,
         "metadata": {fld.key: {"type": fld.type, "value": _abbrev(fld.value)} for fld in f.fields},
-        "tensors": [
-            {"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in f.tensors
-        ],
+        "tensors": [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in f.tensors],
         "summary": f.summary(),
     }
 

@@ -56,7 +56,7 @@ def render() -> str:
     for name, cls, width in GRIDS:
         grid = native_grid(cls, width)
         rust_ty, digits = ("u64", 16) if width == 8 else ("u32", 8)
-        lines.append(f"/// {name.lower()}: {len(grid)} entries of {width} byte-sized values, element 0 lowest.")
+        lines.append(f"/// {name.lower()}: {len(grid)} entries of {width} byte values, element 0 lowest.")
         lines.append("#[rustfmt::skip]")
         lines.append(f"pub static {name}: [{rust_ty}; {len(grid)}] = [")
         per_line = 4 if width == 8 else 8

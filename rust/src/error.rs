@@ -6,10 +6,18 @@ use std::path::PathBuf;
 pub enum Error {
     /// A GGUF file that is malformed, truncated or hostile; `offset` is the byte where parsing stopped.
     #[error("{path}: invalid GGUF at byte offset {offset}: {field}: {msg}")]
-    Format { path: PathBuf, offset: u64, field: String, msg: String },
+    Format {
+        path: PathBuf,
+        offset: u64,
+        field: String,
+        msg: String,
+    },
 
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// Input data that cannot be quantized (NaN/Inf, wrong length, ...), naming the tensor.
     #[error("tensor '{tensor}': {msg}")]
@@ -28,9 +36,15 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn tensor(tensor: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Tensor { tensor: tensor.into(), msg: msg.into() }
+        Error::Tensor {
+            tensor: tensor.into(),
+            msg: msg.into(),
+        }
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -6,6 +6,7 @@
 pub mod error;
 pub mod gguf;
 pub mod quant;
+pub mod quantize_model;
 pub mod types;
 
 pub use error::{Error, Result};

@@ -64,13 +64,17 @@ impl GgmlType {
     /// Case-insensitive lookup of a type name as llama.cpp spells it ("q4_k", "IQ2_XXS", "bf16").
     pub fn from_name(name: &str) -> Result<GgmlType> {
         let upper = name.trim().to_ascii_uppercase();
-        ALL_TYPES.iter().copied().find(|t| t.name() == upper).ok_or_else(|| {
-            let known: Vec<&str> = ALL_TYPES.iter().map(|t| t.name()).collect();
-            Error::UnknownType(format!(
-                "unknown tensor type '{name}' (known: {})",
-                known.join(", ")
-            ))
-        })
+        ALL_TYPES
+            .iter()
+            .copied()
+            .find(|t| t.name() == upper)
+            .ok_or_else(|| {
+                let known: Vec<&str> = ALL_TYPES.iter().map(|t| t.name()).collect();
+                Error::UnknownType(format!(
+                    "unknown tensor type '{name}' (known: {})",
+                    known.join(", ")
+                ))
+            })
     }
 
     pub fn name(self) -> &'static str {

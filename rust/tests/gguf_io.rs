@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use pyqmoe_core::gguf::writer::split_part_path;
-use pyqmoe_core::gguf::{parse_header, GgufFile, GgufModel, GgufWriter, SplitLimits, SplitWriter, TensorSpec, Value, ValueType};
+use pyqmoe_core::gguf::{
+    parse_header, GgufFile, GgufModel, GgufWriter, SplitLimits, SplitWriter, TensorSpec, Value,
+    ValueType,
+};
 use pyqmoe_core::{Error, GgmlType};
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -29,8 +32,17 @@ fn every_value_type() -> Vec<(String, Value)> {
         ("t.u64".into(), Value::U64(u64::MAX)),
         ("t.i64".into(), Value::I64(i64::MIN)),
         ("t.f64".into(), Value::F64(-2.5e300)),
-        ("t.arr_i32".into(), Value::Array(ValueType::I32, vec![Value::I32(1), Value::I32(-2)])),
-        ("t.arr_str".into(), Value::Array(ValueType::String, vec![Value::string("a"), Value::string("")])),
+        (
+            "t.arr_i32".into(),
+            Value::Array(ValueType::I32, vec![Value::I32(1), Value::I32(-2)]),
+        ),
+        (
+            "t.arr_str".into(),
+            Value::Array(
+                ValueType::String,
+                vec![Value::string("a"), Value::string("")],
+            ),
+        ),
         ("t.arr_empty".into(), Value::Array(ValueType::F32, vec![])),
         (
             "t.nested".into(),
@@ -47,18 +59,41 @@ fn every_value_type() -> Vec<(String, Value)> {
 
 fn specs() -> Vec<TensorSpec> {
     vec![
-        TensorSpec { name: "token_embd.weight".into(), dims: vec![64, 10], ty: GgmlType::F32 },
-        TensorSpec { name: "blk.0.attn_norm.weight".into(), dims: vec![64], ty: GgmlType::F32 },
-        TensorSpec { name: "blk.0.ffn_gate_exps.weight".into(), dims: vec![64, 3, 4], ty: GgmlType::Q8_0 },
-        TensorSpec { name: "blk.0.odd".into(), dims: vec![7], ty: GgmlType::F16 },
+        TensorSpec {
+            name: "token_embd.weight".into(),
+            dims: vec![64, 10],
+            ty: GgmlType::F32,
+        },
+        TensorSpec {
+            name: "blk.0.attn_norm.weight".into(),
+            dims: vec![64],
+            ty: GgmlType::F32,
+        },
+        TensorSpec {
+            name: "blk.0.ffn_gate_exps.weight".into(),
+            dims: vec![64, 3, 4],
+            ty: GgmlType::Q8_0,
+        },
+        TensorSpec {
+            name: "blk.0.odd".into(),
+            dims: vec![7],
+            ty: GgmlType::F16,
+        },
     ]
 }
 
 fn data_for(s: &TensorSpec, seed: u8) -> Vec<u8> {
-    (0..s.nbytes().unwrap()).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..s.nbytes().unwrap())
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
-fn write_model(path: &Path, meta: &[(String, Value)], specs: &[TensorSpec], limits: SplitLimits) -> Vec<PathBuf> {
+fn write_model(
+    path: &Path,
+    meta: &[(String, Value)],
+    specs: &[TensorSpec],
+    limits: SplitLimits,
+) -> Vec<PathBuf> {
     let mut w = SplitWriter::create(path, meta, specs.to_vec(), limits).unwrap();
     for (i, s) in specs.iter().enumerate() {
         w.write_tensor(&data_for(s, i as u8)).unwrap();
@@ -84,14 +119,24 @@ fn round_trip_every_value_type_and_tensor_bytes() {
     }
     // Reading and rewriting gives identical bytes.
     let again = d.join("again.gguf");
-    let specs2: Vec<TensorSpec> =
-        f.tensors().iter().map(|t| TensorSpec { name: t.name.clone(), dims: t.dims.clone(), ty: t.ty }).collect();
+    let specs2: Vec<TensorSpec> = f
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+        })
+        .collect();
     let mut w = GgufWriter::create(&again, &f.header.metadata, specs2).unwrap();
     for t in f.tensors() {
         w.write_tensor(f.tensor_data(t)).unwrap();
     }
     w.finish().unwrap();
-    assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&again).unwrap());
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
 }
 
 #[test]
@@ -111,29 +156,61 @@ fn split_output_opens_as_one_model() {
     let d = tmpdir("split");
     let path = d.join("m.gguf");
     let meta = every_value_type();
-    let paths = write_model(&path, &meta, &specs(), SplitLimits { max_bytes: None, max_tensors: Some(3) });
-    assert_eq!(paths, vec![split_part_path(&path, 0, 2), split_part_path(&path, 1, 2)]);
-    assert!(paths[1].to_string_lossy().ends_with("m-00002-of-00002.gguf"));
+    let paths = write_model(
+        &path,
+        &meta,
+        &specs(),
+        SplitLimits {
+            max_bytes: None,
+            max_tensors: Some(3),
+        },
+    );
+    assert_eq!(
+        paths,
+        vec![split_part_path(&path, 0, 2), split_part_path(&path, 1, 2)]
+    );
+    assert!(paths[1]
+        .to_string_lossy()
+        .ends_with("m-00002-of-00002.gguf"));
     for p in [&paths[0], &paths[1]] {
         let m = GgufModel::open(p).unwrap();
         assert!(m.is_split());
         assert_eq!(m.tensors.len(), 4);
-        assert_eq!(m.get("general.architecture"), Some(&Value::string("qwen3moe")));
+        assert_eq!(
+            m.get("general.architecture"),
+            Some(&Value::string("qwen3moe"))
+        );
         for (i, s) in specs().iter().enumerate() {
             assert_eq!(m.tensor_data(&s.name).unwrap(), &data_for(s, i as u8)[..]);
         }
     }
     let second = GgufFile::open(&paths[1]).unwrap();
-    let keys: Vec<&str> = second.header.metadata.iter().map(|(k, _)| k.as_str()).collect();
+    let keys: Vec<&str> = second
+        .header
+        .metadata
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect();
     assert_eq!(keys, ["split.no", "split.count", "split.tensors.count"]);
     // Split by size: every part except the last holds at most max_bytes of data.
-    let paths = write_model(&d.join("s.gguf"), &meta, &specs(), SplitLimits { max_bytes: Some(2600), max_tensors: None });
+    let paths = write_model(
+        &d.join("s.gguf"),
+        &meta,
+        &specs(),
+        SplitLimits {
+            max_bytes: Some(2600),
+            max_tensors: None,
+        },
+    );
     assert!(paths.len() >= 2);
     assert_eq!(GgufModel::open(&paths[0]).unwrap().tensors.len(), 4);
     // A missing part is an error naming the file.
     std::fs::remove_file(paths.last().unwrap()).unwrap();
     let e = GgufModel::open(&paths[0]).err().unwrap().to_string();
-    assert!(e.contains(&paths.last().unwrap().display().to_string()), "{e}");
+    assert!(
+        e.contains(&paths.last().unwrap().display().to_string()),
+        "{e}"
+    );
 }
 
 #[test]
@@ -149,7 +226,10 @@ fn unfinished_or_failed_writes_leave_no_file() {
         // Finishing early is refused too, and the temp file is removed.
         assert!(w.finish().is_err());
     }
-    assert!(std::fs::read_dir(&d).unwrap().next().is_none(), "temp files left behind");
+    assert!(
+        std::fs::read_dir(&d).unwrap().next().is_none(),
+        "temp files left behind"
+    );
     {
         let _w = GgufWriter::create(&path, &[], specs()).unwrap();
         // Dropped mid-way (an error or Ctrl-C unwinding): nothing is left.
@@ -167,7 +247,12 @@ fn valid_image() -> (Vec<u8>, usize) {
     write_model(&path, &every_value_type(), &specs(), SplitLimits::default());
     let bytes = std::fs::read(&path).unwrap();
     let f = GgufFile::open(&path).unwrap();
-    let end = f.tensors().iter().map(|t| f.header.data_offset + t.offset + t.nbytes).max().unwrap();
+    let end = f
+        .tensors()
+        .iter()
+        .map(|t| f.header.data_offset + t.offset + t.nbytes)
+        .max()
+        .unwrap();
     (bytes, end as usize)
 }
 
@@ -180,7 +265,10 @@ fn expect_err(bytes: &[u8], needle: &str) {
         Ok(()) => panic!("accepted a bad file (expected error containing '{needle}')"),
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.contains("hostile.gguf") && msg.contains(needle), "message '{msg}' lacks '{needle}'");
+            assert!(
+                msg.contains("hostile.gguf") && msg.contains(needle),
+                "message '{msg}' lacks '{needle}'"
+            );
         }
     }
 }
@@ -189,7 +277,10 @@ fn expect_err(bytes: &[u8], needle: &str) {
 fn truncation_at_every_byte_is_an_error() {
     let (bytes, end) = valid_image();
     for cut in 0..end {
-        assert!(parse(&bytes[..cut]).is_err(), "accepted a file truncated to {cut} bytes");
+        assert!(
+            parse(&bytes[..cut]).is_err(),
+            "accepted a file truncated to {cut} bytes"
+        );
     }
     assert!(parse(&bytes).is_ok());
 }
@@ -272,8 +363,14 @@ fn hostile_headers_are_refused_with_clear_messages() {
     let mut body = kv("k", &Value::U8(1));
     body.extend(kv("k", &Value::U8(2)));
     expect_err(&header_with(0, 2, &body), "duplicate key");
-    expect_err(&header_with(0, 1, &kv("general.alignment", &Value::U32(48))), "power of two");
-    expect_err(&header_with(0, 1, &kv("general.alignment", &Value::U64(32))), "power of two");
+    expect_err(
+        &header_with(0, 1, &kv("general.alignment", &Value::U32(48))),
+        "power of two",
+    );
+    expect_err(
+        &header_with(0, 1, &kv("general.alignment", &Value::U64(32))),
+        "power of two",
+    );
 
     // Deeply nested arrays.
     let mut v = Value::Array(ValueType::U8, vec![]);
@@ -286,30 +383,73 @@ fn hostile_headers_are_refused_with_clear_messages() {
 #[test]
 fn hostile_tensor_infos_are_refused() {
     // Unknown type id.
-    expect_err(&with_data(header_with(1, 0, &tensor_info("w", &[32], 99, 0)), 1024), "unknown tensor type id 99");
+    expect_err(
+        &with_data(header_with(1, 0, &tensor_info("w", &[32], 99, 0)), 1024),
+        "unknown tensor type id 99",
+    );
     // Removed type ids (Q4_2 = 4) are unknown too.
-    expect_err(&with_data(header_with(1, 0, &tensor_info("w", &[32], 4, 0)), 1024), "unknown tensor type id 4");
+    expect_err(
+        &with_data(header_with(1, 0, &tensor_info("w", &[32], 4, 0)), 1024),
+        "unknown tensor type id 4",
+    );
     // Dims whose product overflows.
-    expect_err(&with_data(header_with(1, 0, &tensor_info("w", &[1 << 32, 1 << 32], 0, 0)), 64), "overflow");
-    expect_err(&with_data(header_with(1, 0, &tensor_info("w", &[2, 2, 2, 2, 2], 0, 0)), 64), "dimensions");
+    expect_err(
+        &with_data(
+            header_with(1, 0, &tensor_info("w", &[1 << 32, 1 << 32], 0, 0)),
+            64,
+        ),
+        "overflow",
+    );
+    expect_err(
+        &with_data(
+            header_with(1, 0, &tensor_info("w", &[2, 2, 2, 2, 2], 0, 0)),
+            64,
+        ),
+        "dimensions",
+    );
     // Row not a whole number of blocks.
-    expect_err(&with_data(header_with(1, 0, &tensor_info("w", &[33], 8, 0)), 64), "blocks");
+    expect_err(
+        &with_data(header_with(1, 0, &tensor_info("w", &[33], 8, 0)), 64),
+        "blocks",
+    );
     // Misaligned, out of bounds, overlapping.
-    expect_err(&with_data(header_with(1, 0, &tensor_info("w", &[4], 0, 8)), 64), "not aligned");
-    expect_err(&with_data(header_with(1, 0, &tensor_info("w", &[64], 0, 0)), 100), "runs past the end");
-    expect_err(&with_data(header_with(1, 0, &tensor_info("w", &[4], 0, u64::MAX - 31)), 64), "runs past the end");
+    expect_err(
+        &with_data(header_with(1, 0, &tensor_info("w", &[4], 0, 8)), 64),
+        "not aligned",
+    );
+    expect_err(
+        &with_data(header_with(1, 0, &tensor_info("w", &[64], 0, 0)), 100),
+        "runs past the end",
+    );
+    expect_err(
+        &with_data(
+            header_with(1, 0, &tensor_info("w", &[4], 0, u64::MAX - 31)),
+            64,
+        ),
+        "runs past the end",
+    );
     let mut body = tensor_info("a", &[16], 0, 0);
     body.extend(tensor_info("b", &[16], 0, 32));
-    expect_err(&with_data(header_with(2, 0, &body), 128), "overlaps tensor 'a'");
+    expect_err(
+        &with_data(header_with(2, 0, &body), 128),
+        "overlaps tensor 'a'",
+    );
     let mut body = tensor_info("a", &[4], 0, 0);
     body.extend(tensor_info("a", &[4], 0, 32));
-    expect_err(&with_data(header_with(2, 0, &body), 128), "duplicate tensor name");
+    expect_err(
+        &with_data(header_with(2, 0, &body), 128),
+        "duplicate tensor name",
+    );
     // Non-UTF-8 tensor name.
     let mut body = tensor_info("ab", &[4], 0, 0);
     body[8] = 0xff;
     expect_err(&with_data(header_with(1, 0, &body), 64), "UTF-8");
     // And a good one parses.
-    assert!(parse(&with_data(header_with(1, 0, &tensor_info("w", &[4], 0, 0)), 64)).is_ok());
+    assert!(parse(&with_data(
+        header_with(1, 0, &tensor_info("w", &[4], 0, 0)),
+        64
+    ))
+    .is_ok());
 }
 
 #[test]

@@ -10,12 +10,33 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
 use pyqmoe_core::gguf::{GgufModel, SplitLimits, SplitWriter, TensorSpec, Value, ValueType};
+use pyqmoe_core::quantize_model::{self as qm, Progress, QuantizeParams, TensorRule};
 use pyqmoe_core::{quant, Error, GgmlType};
 
-create_exception!(_core, PyqmoeError, PyValueError, "Base class of pyqmoe's errors.");
-create_exception!(_core, GGUFFormatError, PyqmoeError, "A malformed, truncated or unsupported GGUF file.");
-create_exception!(_core, TensorError, PyqmoeError, "Tensor data that cannot be converted (NaN/Inf, bad shape, ...).");
-create_exception!(_core, UnknownTypeError, PyqmoeError, "A tensor type name pyqmoe does not know or cannot make.");
+create_exception!(
+    _core,
+    PyqmoeError,
+    PyValueError,
+    "Base class of pyqmoe's errors."
+);
+create_exception!(
+    _core,
+    GGUFFormatError,
+    PyqmoeError,
+    "A malformed, truncated or unsupported GGUF file."
+);
+create_exception!(
+    _core,
+    TensorError,
+    PyqmoeError,
+    "Tensor data that cannot be converted (NaN/Inf, bad shape, ...)."
+);
+create_exception!(
+    _core,
+    UnknownTypeError,
+    PyqmoeError,
+    "A tensor type name pyqmoe does not know or cannot make."
+);
 
 fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
@@ -110,7 +131,11 @@ impl GGUFModel {
     /// Per file: the absolute offset where tensor data starts.
     #[getter]
     fn data_offsets(&self) -> Vec<u64> {
-        self.inner.files.iter().map(|f| f.header.data_offset).collect()
+        self.inner
+            .files
+            .iter()
+            .map(|f| f.header.data_offset)
+            .collect()
     }
 
     #[getter]
@@ -128,9 +153,21 @@ impl GGUFModel {
     }
 
     /// Metadata of one split part (split files after the first hold only the split.* keys).
-    fn file_fields<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Vec<(String, String, Bound<'py, PyAny>)>> {
-        let f = self.inner.files.get(index).ok_or_else(|| PyValueError::new_err("no such split part"))?;
-        f.header.metadata.iter().map(|(k, v)| Ok((k.clone(), type_name(v), value_to_py(py, v)?))).collect()
+    fn file_fields<'py>(
+        &self,
+        py: Python<'py>,
+        index: usize,
+    ) -> PyResult<Vec<(String, String, Bound<'py, PyAny>)>> {
+        let f = self
+            .inner
+            .files
+            .get(index)
+            .ok_or_else(|| PyValueError::new_err("no such split part"))?;
+        f.header
+            .metadata
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), type_name(v), value_to_py(py, v)?)))
+            .collect()
     }
 
     /// Tensors as (name, dims in ggml order, type name, file index, absolute offset, nbytes).
@@ -140,17 +177,29 @@ impl GGUFModel {
             .iter()
             .map(|(fi, t)| {
                 let f = &self.inner.files[*fi];
-                (t.name.clone(), t.dims.clone(), t.ty.name(), *fi, f.tensor_file_offset(t), t.nbytes)
+                (
+                    t.name.clone(),
+                    t.dims.clone(),
+                    t.ty.name(),
+                    *fi,
+                    f.tensor_file_offset(t),
+                    t.nbytes,
+                )
             })
             .collect()
     }
 
     /// Dequantizes one tensor to a flat float32 array (a copy).
     fn dequantize<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let t = self.inner.tensor(name).ok_or_else(|| PyValueError::new_err(format!("no tensor named '{name}'")))?;
+        let t = self
+            .inner
+            .tensor(name)
+            .ok_or_else(|| PyValueError::new_err(format!("no tensor named '{name}'")))?;
         let data = self.inner.tensor_data(name).unwrap();
         let (n_per_row, ty) = (t.n_per_row() as usize, t.ty);
-        let out = py.detach(|| quant::dequantize(name, data, n_per_row, ty)).map_err(to_py)?;
+        let out = py
+            .detach(|| quant::dequantize(name, data, n_per_row, ty))
+            .map_err(to_py)?;
         Ok(PyArray1::from_vec(py, out))
     }
 }
@@ -169,12 +218,19 @@ fn quantize<'py>(
     let ty = parse_type(qtype)?;
     let shape = array.shape().to_vec();
     let n_per_row = *shape.last().unwrap_or(&1);
-    let src = array.as_slice().map_err(|_| PyValueError::new_err("array must be C-contiguous"))?;
+    let src = array
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("array must be C-contiguous"))?;
     let w = match &imatrix {
-        Some(w) => Some(w.as_slice().map_err(|_| PyValueError::new_err("imatrix must be C-contiguous"))?),
+        Some(w) => Some(
+            w.as_slice()
+                .map_err(|_| PyValueError::new_err("imatrix must be C-contiguous"))?,
+        ),
         None => None,
     };
-    let out = py.detach(|| quant::quantize(name, src, n_per_row, ty, w)).map_err(to_py)?;
+    let out = py
+        .detach(|| quant::quantize(name, src, n_per_row, ty, w))
+        .map_err(to_py)?;
     Ok(PyArray1::from_vec(py, out))
 }
 
@@ -189,8 +245,12 @@ fn dequantize<'py>(
     name: &str,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let ty = parse_type(qtype)?;
-    let src = raw.as_slice().map_err(|_| PyValueError::new_err("raw must be C-contiguous"))?;
-    let out = py.detach(|| quant::dequantize(name, src, n_per_row, ty)).map_err(to_py)?;
+    let src = raw
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("raw must be C-contiguous"))?;
+    let out = py
+        .detach(|| quant::dequantize(name, src, n_per_row, ty))
+        .map_err(to_py)?;
     Ok(PyArray1::from_vec(py, out))
 }
 
@@ -199,7 +259,15 @@ fn dequantize<'py>(
 fn types() -> Vec<(&'static str, u32, usize, usize, bool)> {
     pyqmoe_core::types::ALL_TYPES
         .iter()
-        .map(|t| (t.name(), t.id(), t.block_size(), t.type_size(), quant::kernels(*t).is_some()))
+        .map(|t| {
+            (
+                t.name(),
+                t.id(),
+                t.block_size(),
+                t.type_size(),
+                quant::kernels(*t).is_some(),
+            )
+        })
         .collect()
 }
 
@@ -213,15 +281,28 @@ fn requires_imatrix(qtype: &str) -> PyResult<bool> {
 /// Returns the written paths.
 #[pyfunction]
 #[pyo3(signature = (src, dst, split_max_bytes=None, split_max_tensors=None))]
-fn rewrite(py: Python<'_>, src: PathBuf, dst: PathBuf, split_max_bytes: Option<u64>, split_max_tensors: Option<usize>) -> PyResult<Vec<PathBuf>> {
+fn rewrite(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    split_max_bytes: Option<u64>,
+    split_max_tensors: Option<usize>,
+) -> PyResult<Vec<PathBuf>> {
     py.detach(|| -> pyqmoe_core::Result<Vec<PathBuf>> {
         let model = GgufModel::open(&src)?;
         let specs: Vec<TensorSpec> = model
             .tensors
             .iter()
-            .map(|(_, t)| TensorSpec { name: t.name.clone(), dims: t.dims.clone(), ty: t.ty })
+            .map(|(_, t)| TensorSpec {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+            })
             .collect();
-        let limits = SplitLimits { max_bytes: split_max_bytes, max_tensors: split_max_tensors };
+        let limits = SplitLimits {
+            max_bytes: split_max_bytes,
+            max_tensors: split_max_tensors,
+        };
         let mut w = SplitWriter::create(&dst, model.metadata(), specs, limits)?;
         for (_, t) in &model.tensors {
             w.write_tensor(model.tensor_data(&t.name).unwrap())?;
@@ -231,10 +312,179 @@ fn rewrite(py: Python<'_>, src: PathBuf, dst: PathBuf, split_max_bytes: Option<u
     .map_err(to_py)
 }
 
+fn parse_params(
+    default_type: &str,
+    rules: Vec<(String, String)>,
+    token_embedding_type: Option<&str>,
+    output_tensor_type: Option<&str>,
+    allow_requantize: bool,
+    split_max_bytes: Option<u64>,
+    split_max_tensors: Option<usize>,
+) -> PyResult<QuantizeParams> {
+    let mut p = QuantizeParams::new(parse_type(default_type)?);
+    for (spec, option) in rules {
+        p.rules
+            .push(TensorRule::parse(&spec, &option).map_err(to_py)?);
+    }
+    p.token_embedding_type = token_embedding_type.map(parse_type).transpose()?;
+    p.output_tensor_type = output_tensor_type.map(parse_type).transpose()?;
+    p.allow_requantize = allow_requantize;
+    p.split.max_bytes = split_max_bytes;
+    p.split.max_tensors = split_max_tensors;
+    Ok(p)
+}
+
+/// (paths, n_tensors, n_elements, bytes, {type: count}).
+type SummaryRow = (
+    Vec<PathBuf>,
+    usize,
+    u64,
+    u64,
+    std::collections::BTreeMap<String, usize>,
+);
+
+/// One plan row: (name, dims, from type, to type, converted, input bytes, output bytes, note).
+type PlanRow = (
+    String,
+    Vec<u64>,
+    &'static str,
+    &'static str,
+    bool,
+    u64,
+    u64,
+    Option<String>,
+);
+
+fn plan_row(e: &qm::PlanEntry) -> PlanRow {
+    (
+        e.name.clone(),
+        e.dims.clone(),
+        e.from.name(),
+        e.to.name(),
+        e.convert,
+        e.in_bytes,
+        e.out_bytes,
+        e.note.clone(),
+    )
+}
+
+fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
+    match threads {
+        None | Some(0) => Ok(f()),
+        Some(n) => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| PyqmoeError::new_err(format!("cannot start {n} threads: {e}")))?;
+            Ok(pool.install(f))
+        }
+    }
+}
+
+/// The per-tensor plan of a quantization (what --dry-run prints and a real run writes).
+#[pyfunction]
+#[pyo3(signature = (src, default_type, rules=vec![], token_embedding_type=None, output_tensor_type=None, allow_requantize=false))]
+fn quantize_plan(
+    py: Python<'_>,
+    src: PathBuf,
+    default_type: &str,
+    rules: Vec<(String, String)>,
+    token_embedding_type: Option<&str>,
+    output_tensor_type: Option<&str>,
+    allow_requantize: bool,
+) -> PyResult<Vec<PlanRow>> {
+    let p = parse_params(
+        default_type,
+        rules,
+        token_embedding_type,
+        output_tensor_type,
+        allow_requantize,
+        None,
+        None,
+    )?;
+    let entries = py
+        .detach(|| GgufModel::open(&src).and_then(|m| qm::plan(&m, &p)))
+        .map_err(to_py)?;
+    Ok(entries.iter().map(plan_row).collect())
+}
+
+/// Quantizes a model file. `progress(event)` is called with ("start", total_bytes, n_tensors) and
+/// then ("tensor", index, plan row) before each tensor; an exception in it (Ctrl-C) cancels the run
+/// and leaves no output. Returns (paths, n_tensors, n_elements, bytes, {type: count}).
+#[pyfunction]
+#[pyo3(signature = (src, dst, default_type, rules=vec![], token_embedding_type=None, output_tensor_type=None,
+                    allow_requantize=false, split_max_bytes=None, split_max_tensors=None, threads=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn quantize_model(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    default_type: &str,
+    rules: Vec<(String, String)>,
+    token_embedding_type: Option<&str>,
+    output_tensor_type: Option<&str>,
+    allow_requantize: bool,
+    split_max_bytes: Option<u64>,
+    split_max_tensors: Option<usize>,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<SummaryRow> {
+    let p = parse_params(
+        default_type,
+        rules,
+        token_embedding_type,
+        output_tensor_type,
+        allow_requantize,
+        split_max_bytes,
+        split_max_tensors,
+    )?;
+    let mut callback_error: Option<PyErr> = None;
+    let result = py.detach(|| {
+        with_threads(threads, || {
+            let mut on_progress = |ev: Progress| -> bool {
+                let Some(cb) = &progress else { return true };
+                Python::attach(|py| {
+                    let r = py.check_signals().and_then(|_| match ev {
+                        Progress::Start {
+                            total_bytes,
+                            n_tensors,
+                        } => cb.call1(py, ("start", total_bytes, n_tensors)),
+                        Progress::Tensor { index, entry } => {
+                            cb.call1(py, ("tensor", index, plan_row(entry)))
+                        }
+                    });
+                    match r {
+                        Ok(_) => true,
+                        Err(e) => {
+                            callback_error = Some(e);
+                            false
+                        }
+                    }
+                })
+            };
+            qm::quantize_model(&src, &dst, &p, &mut on_progress)
+        })
+    })?;
+    if let Some(e) = callback_error {
+        return Err(e);
+    }
+    let s = result.map_err(to_py)?;
+    Ok((
+        s.paths,
+        s.n_tensors,
+        s.n_elements,
+        s.bytes,
+        s.tensors_per_type,
+    ))
+}
+
 /// Names of the value types, for writers on the Python side.
 #[pyfunction]
 fn value_type_names() -> Vec<&'static str> {
-    (0..13).filter_map(ValueType::from_id).map(|t| t.name()).collect()
+    (0..13)
+        .filter_map(ValueType::from_id)
+        .map(|t| t.name())
+        .collect()
 }
 
 #[pyfunction]
@@ -255,6 +505,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(types, m)?)?;
     m.add_function(wrap_pyfunction!(requires_imatrix, m)?)?;
     m.add_function(wrap_pyfunction!(rewrite, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_model, m)?)?;
     m.add_function(wrap_pyfunction!(value_type_names, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -79,7 +79,10 @@ impl<'a> Cursor<'a> {
         if n > self.remaining() {
             return Err(self.err(
                 field,
-                format!("needs {n} bytes but only {} remain (file truncated?)", self.remaining()),
+                format!(
+                    "needs {n} bytes but only {} remain (file truncated?)",
+                    self.remaining()
+                ),
             ));
         }
         let s = &self.buf[self.pos..self.pos + n as usize];
@@ -88,7 +91,10 @@ impl<'a> Cursor<'a> {
     }
 
     fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N]> {
-        Ok(self.take(N as u64, field)?.try_into().expect("length checked"))
+        Ok(self
+            .take(N as u64, field)?
+            .try_into()
+            .expect("length checked"))
     }
 
     fn u32(&mut self, field: &str) -> Result<u32> {
@@ -106,7 +112,10 @@ impl<'a> Cursor<'a> {
             self.pos = start;
             return Err(self.err(
                 field,
-                format!("string length {len} runs past the end of the file ({} bytes left)", self.remaining() - 8),
+                format!(
+                    "string length {len} runs past the end of the file ({} bytes left)",
+                    self.remaining() - 8
+                ),
             ));
         }
         self.take(len, field)
@@ -144,7 +153,10 @@ impl<'a> Cursor<'a> {
             ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(field)?)),
             ValueType::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(self.err(field, format!("arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+                    return Err(self.err(
+                        field,
+                        format!("arrays nested deeper than {MAX_ARRAY_DEPTH}"),
+                    ));
                 }
                 let at = self.pos;
                 let id = self.u32(field)?;
@@ -155,11 +167,16 @@ impl<'a> Cursor<'a> {
                 let at = self.pos;
                 let n = self.u64(field)?;
                 // Each element takes at least min_size bytes: refuse counts the file cannot hold.
-                if n.checked_mul(elem.min_size()).is_none_or(|b| b > self.remaining()) {
+                if n.checked_mul(elem.min_size())
+                    .is_none_or(|b| b > self.remaining())
+                {
                     self.pos = at;
                     return Err(self.err(
                         field,
-                        format!("array of {n} {} elements runs past the end of the file", elem.name()),
+                        format!(
+                            "array of {n} {} elements runs past the end of the file",
+                            elem.name()
+                        ),
                     ));
                 }
                 let mut items = Vec::with_capacity(n as usize);
@@ -179,23 +196,35 @@ pub fn parse_header(buf: &[u8], path: &Path, file_len: u64) -> Result<Header> {
     let magic = c.array::<4>("magic")?;
     if magic != GGUF_MAGIC {
         c.pos = 0;
-        return Err(c.err("magic", format!("expected \"GGUF\", found {magic:02x?}: not a GGUF file")));
+        return Err(c.err(
+            "magic",
+            format!("expected \"GGUF\", found {magic:02x?}: not a GGUF file"),
+        ));
     }
     let version = c.u32("version")?;
     if version != 2 && version != 3 {
         c.pos = 4;
-        return Err(c.err("version", format!("unsupported GGUF version {version} (pyqmoe reads 2 and 3)")));
+        return Err(c.err(
+            "version",
+            format!("unsupported GGUF version {version} (pyqmoe reads 2 and 3)"),
+        ));
     }
     let n_tensors = c.u64("n_tensors")?;
     let n_kv = c.u64("n_kv")?;
     // A key/value takes at least 8 (key length) + 4 (type) + 1 bytes; a tensor info at least 8+4+4+8.
     if n_kv.checked_mul(13).is_none_or(|b| b > c.remaining()) {
         c.pos = 16;
-        return Err(c.err("n_kv", format!("{n_kv} key/value pairs cannot fit in the file")));
+        return Err(c.err(
+            "n_kv",
+            format!("{n_kv} key/value pairs cannot fit in the file"),
+        ));
     }
     if n_tensors.checked_mul(24).is_none_or(|b| b > c.remaining()) {
         c.pos = 8;
-        return Err(c.err("n_tensors", format!("{n_tensors} tensors cannot fit in the file")));
+        return Err(c.err(
+            "n_tensors",
+            format!("{n_tensors} tensors cannot fit in the file"),
+        ));
     }
 
     let mut metadata = Vec::with_capacity(n_kv as usize);
@@ -211,7 +240,10 @@ pub fn parse_header(buf: &[u8], path: &Path, file_len: u64) -> Result<Header> {
         let id = c.u32(&format!("type of '{key}'"))?;
         let ty = ValueType::from_id(id).ok_or_else(|| {
             c.pos = at;
-            c.err(&format!("type of '{key}'"), format!("unknown value type {id}"))
+            c.err(
+                &format!("type of '{key}'"),
+                format!("unknown value type {id}"),
+            )
         })?;
         let value = c.value(ty, &format!("value of '{key}'"), 0)?;
         metadata.push((key, value));
@@ -221,7 +253,10 @@ pub fn parse_header(buf: &[u8], path: &Path, file_len: u64) -> Result<Header> {
         None => DEFAULT_ALIGNMENT,
         Some((_, Value::U32(a))) if *a > 0 && a.is_power_of_two() => *a as u64,
         Some((_, v)) => {
-            return Err(c.err(KEY_ALIGNMENT, format!("must be a UINT32 power of two, found {v:?}")));
+            return Err(c.err(
+                KEY_ALIGNMENT,
+                format!("must be a UINT32 power of two, found {v:?}"),
+            ));
         }
     };
 
@@ -243,9 +278,16 @@ pub fn parse_header(buf: &[u8], path: &Path, file_len: u64) -> Result<Header> {
         for _ in 0..n_dims {
             dims.push(c.u64(&field)?);
         }
-        if dims.iter().try_fold(1u64, |p, &d| p.checked_mul(d)).is_none_or(|n| n > i64::MAX as u64) {
+        if dims
+            .iter()
+            .try_fold(1u64, |p, &d| p.checked_mul(d))
+            .is_none_or(|n| n > i64::MAX as u64)
+        {
             c.pos = at;
-            return Err(c.err(&field, format!("dimensions {dims:?} overflow the element count")));
+            return Err(c.err(
+                &field,
+                format!("dimensions {dims:?} overflow the element count"),
+            ));
         }
         let at = c.pos;
         let id = c.u32(&field)?;
@@ -255,18 +297,34 @@ pub fn parse_header(buf: &[u8], path: &Path, file_len: u64) -> Result<Header> {
         })?;
         let nbytes = ty.nbytes(&dims).ok_or_else(|| {
             c.pos = at;
-            c.err(&field, format!("dims {dims:?} are not whole {} blocks of {}", ty.name(), ty.block_size()))
+            c.err(
+                &field,
+                format!(
+                    "dims {dims:?} are not whole {} blocks of {}",
+                    ty.name(),
+                    ty.block_size()
+                ),
+            )
         })?;
         let offset = c.u64(&field)?;
-        tensors.push(TensorInfo { name, dims, ty, offset, nbytes });
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ty,
+            offset,
+            nbytes,
+        });
     }
 
     let header_end = c.pos as u64;
-    let data_offset = align_up(header_end, alignment)
-        .ok_or_else(|| c.err("data section", "offset overflows"))?;
+    let data_offset =
+        align_up(header_end, alignment).ok_or_else(|| c.err("data section", "offset overflows"))?;
     let data_len = file_len.saturating_sub(data_offset);
     if data_offset > file_len && !tensors.is_empty() {
-        return Err(c.err("data section", format!("starts at {data_offset}, past the end of the file ({file_len} bytes)")));
+        return Err(c.err(
+            "data section",
+            format!("starts at {data_offset}, past the end of the file ({file_len} bytes)"),
+        ));
     }
 
     // Offsets: aligned, inside the data section, not overlapping one another.
@@ -283,9 +341,15 @@ pub fn parse_header(buf: &[u8], path: &Path, file_len: u64) -> Result<Header> {
             msg,
         };
         if t.offset % alignment != 0 {
-            return Err(fail(format!("data offset {} is not aligned to {alignment}", t.offset)));
+            return Err(fail(format!(
+                "data offset {} is not aligned to {alignment}",
+                t.offset
+            )));
         }
-        let end = t.offset.checked_add(t.nbytes).ok_or_else(|| fail("data extent overflows".into()))?;
+        let end = t
+            .offset
+            .checked_add(t.nbytes)
+            .ok_or_else(|| fail("data extent overflows".into()))?;
         if end > data_len {
             return Err(fail(format!(
                 "data [{}, {end}) runs past the end of the data section ({data_len} bytes; file truncated?)",
@@ -299,7 +363,13 @@ pub fn parse_header(buf: &[u8], path: &Path, file_len: u64) -> Result<Header> {
         prev_name = &t.name;
     }
 
-    Ok(Header { version, metadata, tensors, alignment, data_offset })
+    Ok(Header {
+        version,
+        metadata,
+        tensors,
+        alignment,
+        data_offset,
+    })
 }
 
 /// A GGUF file opened read-only through a memory map.
@@ -315,7 +385,12 @@ impl GgufFile {
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         if len == 0 {
-            return Err(Error::Format { path, offset: 0, field: "magic".into(), msg: "file is empty".into() });
+            return Err(Error::Format {
+                path,
+                offset: 0,
+                field: "magic".into(),
+                msg: "file is empty".into(),
+            });
         }
         // SAFETY: the map is read-only; a file truncated by another process under us is the
         // documented hazard of every mmap-based reader (llama.cpp's included).

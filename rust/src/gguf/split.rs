@@ -24,9 +24,9 @@ fn parse_split_name(path: &Path) -> Option<(String, usize, usize)> {
 /// All part paths of the split model `path` belongs to (just `[path]` if it is not split).
 pub fn split_paths(path: &Path, count: usize) -> Vec<PathBuf> {
     match parse_split_name(path) {
-        Some((prefix, _, _)) if count > 1 => {
-            (1..=count).map(|i| PathBuf::from(format!("{prefix}-{i:05}-of-{count:05}.gguf"))).collect()
-        }
+        Some((prefix, _, _)) if count > 1 => (1..=count)
+            .map(|i| PathBuf::from(format!("{prefix}-{i:05}-of-{count:05}.gguf")))
+            .collect(),
         _ => vec![path.to_path_buf()],
     }
 }
@@ -40,7 +40,12 @@ pub struct GgufModel {
 }
 
 fn split_err(path: &Path, field: &str, msg: String) -> Error {
-    Error::Format { path: path.to_path_buf(), offset: 0, field: field.into(), msg }
+    Error::Format {
+        path: path.to_path_buf(),
+        offset: 0,
+        field: field.into(),
+        msg,
+    }
 }
 
 impl GgufModel {
@@ -48,7 +53,11 @@ impl GgufModel {
     pub fn open(path: impl AsRef<Path>) -> Result<GgufModel> {
         let path = path.as_ref();
         let first = GgufFile::open(path)?;
-        let count = first.header.get(KEY_SPLIT_COUNT).and_then(Value::as_u64).unwrap_or(1) as usize;
+        let count = first
+            .header
+            .get(KEY_SPLIT_COUNT)
+            .and_then(Value::as_u64)
+            .unwrap_or(1) as usize;
         let files = if count <= 1 {
             vec![first]
         } else {
@@ -77,28 +86,47 @@ impl GgufModel {
             if count > 1 {
                 let no = f.header.get(KEY_SPLIT_NO).and_then(Value::as_u64);
                 if no != Some(i as u64) {
-                    return Err(split_err(&f.path, KEY_SPLIT_NO, format!("is {no:?}, expected {i}")));
+                    return Err(split_err(
+                        &f.path,
+                        KEY_SPLIT_NO,
+                        format!("is {no:?}, expected {i}"),
+                    ));
                 }
             }
             for t in f.tensors() {
                 if index.insert(t.name.clone(), tensors.len()).is_some() {
-                    return Err(split_err(&f.path, &format!("tensor '{}'", t.name), "appears in more than one split".into()));
+                    return Err(split_err(
+                        &f.path,
+                        &format!("tensor '{}'", t.name),
+                        "appears in more than one split".into(),
+                    ));
                 }
                 tensors.push((i, t.clone()));
             }
         }
         if count > 1 {
-            if let Some(n) = files[0].header.get(KEY_SPLIT_TENSORS_COUNT).and_then(Value::as_u64) {
+            if let Some(n) = files[0]
+                .header
+                .get(KEY_SPLIT_TENSORS_COUNT)
+                .and_then(Value::as_u64)
+            {
                 if n as usize != tensors.len() {
                     return Err(split_err(
                         &files[0].path,
                         KEY_SPLIT_TENSORS_COUNT,
-                        format!("says {n} tensors but the {count} parts hold {}", tensors.len()),
+                        format!(
+                            "says {n} tensors but the {count} parts hold {}",
+                            tensors.len()
+                        ),
                     ));
                 }
             }
         }
-        Ok(GgufModel { files, tensors, index })
+        Ok(GgufModel {
+            files,
+            tensors,
+            index,
+        })
     }
 
     /// Metadata of the model (the first part's).
@@ -131,8 +159,14 @@ mod tests {
 
     #[test]
     fn split_names() {
-        assert_eq!(parse_split_name(Path::new("/m/q-00002-of-00005.gguf")), Some(("/m/q".into(), 2, 5)));
+        assert_eq!(
+            parse_split_name(Path::new("/m/q-00002-of-00005.gguf")),
+            Some(("/m/q".into(), 2, 5))
+        );
         assert_eq!(parse_split_name(Path::new("q.gguf")), None);
-        assert_eq!(split_paths(Path::new("a-00001-of-00002.gguf"), 2)[1], PathBuf::from("a-00002-of-00002.gguf"));
+        assert_eq!(
+            split_paths(Path::new("a-00001-of-00002.gguf"), 2)[1],
+            PathBuf::from("a-00002-of-00002.gguf")
+        );
     }
 }

@@ -62,7 +62,9 @@ impl ValueType {
     }
 
     pub fn from_name(name: &str) -> Option<ValueType> {
-        (0..13).filter_map(ValueType::from_id).find(|t| t.name().eq_ignore_ascii_case(name))
+        (0..13)
+            .filter_map(ValueType::from_id)
+            .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     /// Encoded size of a scalar, or the minimum size (length prefix) of a string/array.

@@ -8,7 +8,10 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use super::value::Value;
-use super::{align_up, DEFAULT_ALIGNMENT, GGUF_MAGIC, KEY_ALIGNMENT, KEY_SPLIT_COUNT, KEY_SPLIT_NO, KEY_SPLIT_TENSORS_COUNT};
+use super::{
+    align_up, DEFAULT_ALIGNMENT, GGUF_MAGIC, KEY_ALIGNMENT, KEY_SPLIT_COUNT, KEY_SPLIT_NO,
+    KEY_SPLIT_TENSORS_COUNT,
+};
 use crate::error::{Error, Result};
 use crate::types::GgmlType;
 
@@ -24,20 +27,34 @@ pub struct TensorSpec {
 impl TensorSpec {
     pub fn nbytes(&self) -> Result<u64> {
         self.ty.nbytes(&self.dims).ok_or_else(|| {
-            Error::tensor(&self.name, format!("dims {:?} are not whole {} blocks", self.dims, self.ty.name()))
+            Error::tensor(
+                &self.name,
+                format!(
+                    "dims {:?} are not whole {} blocks",
+                    self.dims,
+                    self.ty.name()
+                ),
+            )
         })
     }
 }
 
 fn temp_path_for(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
 }
 
 fn sync_dir(path: &Path) {
     // Persist the rename itself; best effort (not every filesystem allows opening a directory).
     if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
         }
@@ -58,12 +75,20 @@ pub struct GgufWriter {
 
 impl GgufWriter {
     /// Creates the temp file and writes the header (GGUF v3).
-    pub fn create(path: impl AsRef<Path>, metadata: &[(String, Value)], tensors: Vec<TensorSpec>) -> Result<GgufWriter> {
+    pub fn create(
+        path: impl AsRef<Path>,
+        metadata: &[(String, Value)],
+        tensors: Vec<TensorSpec>,
+    ) -> Result<GgufWriter> {
         let path = path.as_ref().to_path_buf();
         let alignment = match metadata.iter().find(|(k, _)| k == KEY_ALIGNMENT) {
             None => DEFAULT_ALIGNMENT,
             Some((_, Value::U32(a))) if *a > 0 && a.is_power_of_two() => *a as u64,
-            Some((_, v)) => return Err(Error::Invalid(format!("{KEY_ALIGNMENT} must be a UINT32 power of two, got {v:?}"))),
+            Some((_, v)) => {
+                return Err(Error::Invalid(format!(
+                    "{KEY_ALIGNMENT} must be a UINT32 power of two, got {v:?}"
+                )))
+            }
         };
         let mut seen = std::collections::HashSet::new();
         for (k, _) in metadata {
@@ -78,7 +103,10 @@ impl GgufWriter {
                 return Err(Error::tensor(&t.name, "tensor name given twice"));
             }
             if t.dims.len() > super::MAX_DIMS {
-                return Err(Error::tensor(&t.name, format!("{} dimensions (at most {})", t.dims.len(), super::MAX_DIMS)));
+                return Err(Error::tensor(
+                    &t.name,
+                    format!("{} dimensions (at most {})", t.dims.len(), super::MAX_DIMS),
+                ));
             }
             sizes.push(t.nbytes()?);
         }
@@ -138,12 +166,21 @@ impl GgufWriter {
     /// Appends the data of the next tensor (exactly its byte size) and pads it to the alignment.
     pub fn write_tensor(&mut self, data: &[u8]) -> Result<()> {
         let Some(spec) = self.specs.get(self.next) else {
-            return Err(Error::Invalid(format!("{}: more tensors written than declared", self.path.display())));
+            return Err(Error::Invalid(format!(
+                "{}: more tensors written than declared",
+                self.path.display()
+            )));
         };
         if data.len() as u64 != self.sizes[self.next] {
             return Err(Error::tensor(
                 &spec.name,
-                format!("{} bytes given, {} {} data needs {}", data.len(), spec.ty.name(), format_dims(&spec.dims), self.sizes[self.next]),
+                format!(
+                    "{} bytes given, {} {} data needs {}",
+                    data.len(),
+                    spec.ty.name(),
+                    format_dims(&spec.dims),
+                    self.sizes[self.next]
+                ),
             ));
         }
         self.write_all(data)?;
@@ -166,7 +203,9 @@ impl GgufWriter {
         }
         let out = self.out.as_mut().expect("writer used after finish");
         out.flush().map_err(|e| Error::io(&self.tmp, e))?;
-        out.get_ref().sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        out.get_ref()
+            .sync_all()
+            .map_err(|e| Error::io(&self.tmp, e))?;
         Ok(())
     }
 
@@ -228,19 +267,32 @@ pub struct SplitWriter {
 }
 
 impl SplitWriter {
-    pub fn create(path: impl AsRef<Path>, metadata: &[(String, Value)], tensors: Vec<TensorSpec>, limits: SplitLimits) -> Result<SplitWriter> {
+    pub fn create(
+        path: impl AsRef<Path>,
+        metadata: &[(String, Value)],
+        tensors: Vec<TensorSpec>,
+        limits: SplitLimits,
+    ) -> Result<SplitWriter> {
         let path = path.as_ref();
-        let base: Vec<(String, Value)> =
-            metadata.iter().filter(|(k, _)| !k.starts_with("split.")).cloned().collect();
+        let base: Vec<(String, Value)> = metadata
+            .iter()
+            .filter(|(k, _)| !k.starts_with("split."))
+            .cloned()
+            .collect();
         let groups = plan_splits(&tensors, limits)?;
         if groups.len() <= 1 && limits.is_none() {
             let w = GgufWriter::create(path, &base, tensors)?;
-            return Ok(SplitWriter { parts: vec![w], current: 0 });
+            return Ok(SplitWriter {
+                parts: vec![w],
+                current: 0,
+            });
         }
         let count = groups.len();
         let total = tensors.len();
         if count > u16::MAX as usize {
-            return Err(Error::Invalid(format!("{count} split files exceed the 65535 that split.count can hold")));
+            return Err(Error::Invalid(format!(
+                "{count} split files exceed the 65535 that split.count can hold"
+            )));
         }
         let mut parts = Vec::with_capacity(count);
         let mut specs = tensors.into_iter();
@@ -248,7 +300,10 @@ impl SplitWriter {
             let split_keys = [
                 (KEY_SPLIT_NO.to_string(), Value::U16(i as u16)),
                 (KEY_SPLIT_COUNT.to_string(), Value::U16(count as u16)),
-                (KEY_SPLIT_TENSORS_COUNT.to_string(), Value::I32(total as i32)),
+                (
+                    KEY_SPLIT_TENSORS_COUNT.to_string(),
+                    Value::I32(total as i32),
+                ),
             ];
             let mut meta: Vec<(String, Value)> = if i == 0 { base.clone() } else { vec![] };
             if i != 0 {
@@ -257,7 +312,11 @@ impl SplitWriter {
             }
             meta.extend(split_keys);
             let part_specs: Vec<TensorSpec> = specs.by_ref().take(n).collect();
-            parts.push(GgufWriter::create(split_part_path(path, i, count), &meta, part_specs)?);
+            parts.push(GgufWriter::create(
+                split_part_path(path, i, count),
+                &meta,
+                part_specs,
+            )?);
         }
         Ok(SplitWriter { parts, current: 0 })
     }
@@ -292,10 +351,14 @@ impl SplitWriter {
 /// Tensors per split file under `limits` (one group when there are no limits).
 pub fn plan_splits(tensors: &[TensorSpec], limits: SplitLimits) -> Result<Vec<usize>> {
     if limits.max_tensors == Some(0) {
-        return Err(Error::Invalid("--split-max-tensors must be at least 1".into()));
+        return Err(Error::Invalid(
+            "--split-max-tensors must be at least 1".into(),
+        ));
     }
     if limits.max_bytes == Some(0) {
-        return Err(Error::Invalid("--split-max-size must be more than 0".into()));
+        return Err(Error::Invalid(
+            "--split-max-size must be more than 0".into(),
+        ));
     }
     let mut groups = vec![];
     let (mut n, mut bytes) = (0usize, 0u64);

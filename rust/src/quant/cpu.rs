@@ -20,7 +20,13 @@ pub fn features() -> CpuFeatures {
 fn detect() -> CpuFeatures {
     // PYQMOE_NO_SIMD=1 forces the scalar reference paths (for debugging and A/B measurements).
     if std::env::var_os("PYQMOE_NO_SIMD").is_some_and(|v| v != "0") {
-        return CpuFeatures { avx2: false, fma: false, f16c: false, avx512f: false, avx512bw: false };
+        return CpuFeatures {
+            avx2: false,
+            fma: false,
+            f16c: false,
+            avx512f: false,
+            avx512bw: false,
+        };
     }
     CpuFeatures {
         avx2: is_x86_feature_detected!("avx2"),
@@ -33,7 +39,13 @@ fn detect() -> CpuFeatures {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect() -> CpuFeatures {
-    CpuFeatures { avx2: false, fma: false, f16c: false, avx512f: false, avx512bw: false }
+    CpuFeatures {
+        avx2: false,
+        fma: false,
+        f16c: false,
+        avx512f: false,
+        avx512bw: false,
+    }
 }
 
 /// True when the AVX2 fast paths may run.

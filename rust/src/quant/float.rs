@@ -50,8 +50,10 @@ impl BlockQuant for F16 {
         }
     }
     fn dequantize_row(src: &[u8], dst: &mut [f32]) {
-        let halves: Vec<f16> =
-            src.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
+        let halves: Vec<f16> = src
+            .chunks_exact(2)
+            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+            .collect();
         halves.convert_to_f32_slice(dst);
     }
 }

@@ -5,6 +5,8 @@
 //! row kernel over rows in parallel with rayon. Rows are independent, so the bytes never depend on
 //! the thread count.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -14,6 +16,8 @@ pub mod cpu;
 pub mod float;
 pub mod iq1;
 pub mod iq2;
+pub mod iq3;
+pub mod iq4;
 pub mod iq_tables;
 pub mod legacy;
 pub mod testdata;
@@ -81,6 +85,10 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
         IQ2_S => Some(&iq2::IQ2_S_KERNELS),
         IQ1_S => Some(&iq1::IQ1_S_KERNELS),
         IQ1_M => Some(&iq1::IQ1_M_KERNELS),
+        IQ3_XXS => Some(&iq3::IQ3_XXS_KERNELS),
+        IQ3_S => Some(&iq3::IQ3_S_KERNELS),
+        IQ4_NL => Some(&iq4::IQ4_NL_KERNELS),
+        IQ4_XS => Some(&iq4::IQ4_XS_KERNELS),
         _ => None,
     }
 }
@@ -202,13 +210,19 @@ pub fn quantize_into(
         Some(w) => check_imatrix(tensor, w, n_per_row, n_rows)?,
         None => n_rows,
     };
-    check_finite(tensor, src, n_per_row)?;
     let step = rows_per_task(n_per_row, n_rows);
     let quantize_row = k.quantize_row;
+    let saw_non_finite = AtomicBool::new(false);
     dst.par_chunks_mut(row_bytes * step)
         .zip(src.par_chunks(n_per_row * step))
         .enumerate()
         .for_each(|(task, (out, inp))| {
+            // Checked per task, while the rows are in cache, rather than in a pass of its own over
+            // the tensor (which cost as much as the fast kernels); kernels never see NaN/Inf.
+            if !all_finite(inp) {
+                saw_non_finite.store(true, Ordering::Relaxed);
+                return;
+            }
             for (j, (o, x)) in out.chunks_mut(row_bytes).zip(inp.chunks(n_per_row)).enumerate() {
                 let row = task * step + j;
                 let w = imatrix.map(|w| {
@@ -218,7 +232,16 @@ pub fn quantize_into(
                 quantize_row(x, o, w);
             }
         });
+    if saw_non_finite.load(Ordering::Relaxed) {
+        // Error path only: find the first bad element for the message.
+        check_finite(tensor, src, n_per_row)?;
+    }
     Ok(())
+}
+
+/// True when no element is NaN or ±Inf (exponent bits all ones); branch-free so it vectorises.
+fn all_finite(xs: &[f32]) -> bool {
+    xs.chunks(256).all(|c| c.iter().fold(0u32, |acc, v| acc | ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32) == 0)
 }
 
 /// Quantize `src` (rows of `n_per_row`) to `ty`, returning the packed bytes.

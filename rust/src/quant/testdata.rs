@@ -60,11 +60,32 @@ pub fn adversarial(n: usize) -> Vec<(&'static str, Vec<f32>)> {
         ("zeros", vec![0.0; n]),
         ("constant", vec![0.375; n]),
         ("negative constant", vec![-1.25; n]),
-        ("f16 max", (0..n).map(|i| if i % 2 == 0 { 65504.0 } else { -65504.0 }).collect()),
-        ("denormals", (0..n).map(|i| (i % 7) as f32 * 1e-40 - 3e-40).collect()),
-        ("tiny", (0..n).map(|i| (i % 13) as f32 * 1e-8 - 6e-8).collect()),
-        ("alternating", (0..n).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect()),
-        ("lone value", (0..n).map(|i| if i == n / 3 { -2.5 } else { 0.0 }).collect()),
+        (
+            "f16 max",
+            (0..n)
+                .map(|i| if i % 2 == 0 { 65504.0 } else { -65504.0 })
+                .collect(),
+        ),
+        (
+            "denormals",
+            (0..n).map(|i| (i % 7) as f32 * 1e-40 - 3e-40).collect(),
+        ),
+        (
+            "tiny",
+            (0..n).map(|i| (i % 13) as f32 * 1e-8 - 6e-8).collect(),
+        ),
+        (
+            "alternating",
+            (0..n)
+                .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+                .collect(),
+        ),
+        (
+            "lone value",
+            (0..n)
+                .map(|i| if i == n / 3 { -2.5 } else { 0.0 })
+                .collect(),
+        ),
     ];
     let mut outlier = gaussian(11, n);
     for (b, chunk) in outlier.chunks_mut(32).enumerate() {
@@ -94,7 +115,13 @@ pub fn assert_fast_matches_ref(k: &Kernels, n_per_row: usize, with_imatrix: bool
             let mut b = vec![0u8; row_bytes];
             (k.quantize_row_ref)(&row, &mut a, *w);
             (k.quantize_row)(&row, &mut b, *w);
-            assert_eq!(a, b, "{} quantize fast != ref on '{name}' (imatrix: {})", k.ty, w.is_some());
+            assert_eq!(
+                a,
+                b,
+                "{} quantize fast != ref on '{name}' (imatrix: {})",
+                k.ty,
+                w.is_some()
+            );
             let mut x = vec![0f32; n_per_row];
             let mut y = vec![0f32; n_per_row];
             (k.dequantize_row_ref)(&a, &mut x);

@@ -150,6 +150,33 @@ mod tests {
     }
 
     #[test]
+    fn imatrix_fast_paths_match_reference_on_many_blocks() {
+        // The AVX2 imatrix paths reorganise the scale searches; check them on varied rows and
+        // weights (zeros included, whole zero-weight blocks too), beyond the shared adversarial set.
+        let n = 256;
+        let mut r = crate::quant::testdata::Rng::new(77);
+        for case in 0..48u64 {
+            let mut x = if case % 3 == 0 { heavy_tailed(case, n) } else { crate::quant::testdata::gaussian(case, n) };
+            let mut w = importance(1000 + case, n);
+            match case % 6 {
+                1 => w.iter_mut().step_by(3).for_each(|v| *v = 0.0),
+                2 => w[..64].fill(0.0),
+                3 => x.iter_mut().for_each(|v| *v = v.abs()),
+                4 => x[..32].fill(0.25),
+                5 => x.iter_mut().for_each(|v| *v = (*v * 40.0).round() / 8.0),
+                _ => x[(r.next_u64() % n as u64) as usize] = 3.0,
+            }
+            for k in [&Q4_0_KERNELS, &Q4_1_KERNELS, &Q5_0_KERNELS, &Q5_1_KERNELS] {
+                let row_bytes = k.ty.row_size(n).unwrap();
+                let (mut a, mut b) = (vec![0u8; row_bytes], vec![0u8; row_bytes]);
+                (k.quantize_row_ref)(&x, &mut a, Some(&w));
+                (k.quantize_row)(&x, &mut b, Some(&w));
+                assert_eq!(a, b, "{} imatrix fast != ref, case {case}", k.ty);
+            }
+        }
+    }
+
+    #[test]
     fn q5_packing_round_trips() {
         let levels: [u8; QK] = std::array::from_fn(|j| (j as u8 * 7) % 32);
         let (mut qh, mut qs) = ([0u8; 4], [0u8; 16]);

@@ -3,7 +3,7 @@
 
 use super::{c_level_min, f16_at, f16_bytes, imatrix_weights, row_sigma2, QK};
 use crate::quant::util::make_qx_quants;
-use crate::quant::{cpu, kernels_of, BlockQuant, Kernels};
+use crate::quant::{kernels_of, BlockQuant, Kernels};
 use crate::types::GgmlType;
 
 pub const BLOCK_BYTES: usize = 18;
@@ -60,9 +60,14 @@ impl BlockQuant for Q4_0 {
 
     fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
         #[cfg(target_arch = "x86_64")]
-        if imatrix.is_none() && cpu::has_avx2() {
+        if crate::quant::cpu::has_avx2() {
             // SAFETY: AVX2 was detected at run time.
-            return unsafe { avx2::quantize_row(src, dst) };
+            return unsafe {
+                match imatrix {
+                    None => avx2::quantize_row(src, dst),
+                    Some(qw) => avx2::quantize_row_imatrix(src, dst, qw),
+                }
+            };
         }
         Self::quantize_row_ref(src, dst, imatrix)
     }
@@ -79,7 +84,7 @@ impl BlockQuant for Q4_0 {
 
     fn dequantize_row(src: &[u8], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if cpu::has_avx2() {
+        if crate::quant::cpu::has_avx2() {
             // SAFETY: AVX2 was detected at run time.
             return unsafe { avx2::dequantize_row(src, dst) };
         }
@@ -92,7 +97,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::simd::*;
-    use super::super::{f16_at, f16_bytes, QK};
+    use super::super::{f16_at, f16_bytes, row_sigma2, QK};
     use super::BLOCK_BYTES;
 
     #[target_feature(enable = "avx2")]
@@ -111,6 +116,21 @@ mod avx2 {
             });
             let qs = nibbles_or(pack_low_bytes(q), false);
             _mm_storeu_si128(y[2..].as_mut_ptr() as *mut __m128i, qs);
+        }
+    }
+
+    /// The imatrix path, with the scale search evaluated across lanes (same bytes as the reference).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize_row_imatrix(src: &[f32], dst: &mut [u8], qw: &[f32]) {
+        let sigma2 = row_sigma2(src);
+        for ((x, y), w) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)).zip(qw.chunks_exact(QK)) {
+            let weights = imatrix_weights(x, w, sigma2);
+            let mut l = [0i8; QK];
+            let d = make_qx_quants_32(8, x, &weights, &mut l);
+            y[..2].copy_from_slice(&f16_bytes(d));
+            for j in 0..QK / 2 {
+                y[2 + j] = (l[j] as u8) | ((l[j + QK / 2] as u8) << 4);
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 
 use super::{c_trunc_i32, f16_at, f16_bytes, imatrix_weights, pack_q5, q5_level, row_sigma2, QK};
 use crate::quant::util::make_qkx3_quants;
-use crate::quant::{cpu, kernels_of, BlockQuant, Kernels};
+use crate::quant::{kernels_of, BlockQuant, Kernels};
 use crate::types::GgmlType;
 
 pub const BLOCK_BYTES: usize = 24;
@@ -62,9 +62,14 @@ impl BlockQuant for Q5_1 {
 
     fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
         #[cfg(target_arch = "x86_64")]
-        if imatrix.is_none() && cpu::has_avx2() {
+        if crate::quant::cpu::has_avx2() {
             // SAFETY: AVX2 was detected at run time.
-            return unsafe { avx2::quantize_row(src, dst) };
+            return unsafe {
+                match imatrix {
+                    None => avx2::quantize_row(src, dst),
+                    Some(qw) => avx2::quantize_row_imatrix(src, dst, qw),
+                }
+            };
         }
         Self::quantize_row_ref(src, dst, imatrix)
     }
@@ -82,7 +87,7 @@ impl BlockQuant for Q5_1 {
 
     fn dequantize_row(src: &[u8], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if cpu::has_avx2() {
+        if crate::quant::cpu::has_avx2() {
             // SAFETY: AVX2 was detected at run time.
             return unsafe { avx2::dequantize_row(src, dst) };
         }
@@ -95,7 +100,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::simd::*;
-    use super::super::{f16_at, f16_bytes, QK};
+    use super::super::{f16_at, f16_bytes, pack_q5, row_sigma2, QK};
     use super::BLOCK_BYTES;
 
     #[target_feature(enable = "avx2")]
@@ -114,6 +119,21 @@ mod avx2 {
             let levels = pack_low_bytes(q);
             y[4..8].copy_from_slice(&bit4_mask(levels).to_le_bytes());
             _mm_storeu_si128(y[8..].as_mut_ptr() as *mut __m128i, nibbles_or(levels, true));
+        }
+    }
+
+    /// The imatrix path, with the scale search evaluated across lanes (same bytes as the reference).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize_row_imatrix(src: &[f32], dst: &mut [u8], qw: &[f32]) {
+        let sigma2 = row_sigma2(src);
+        for ((x, y), w) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)).zip(qw.chunks_exact(QK)) {
+            let weights = imatrix_weights(x, w, sigma2);
+            let mut l = [0u8; QK];
+            let (d, the_min) = make_qkx3_quants_32(31, x, &weights, &mut l);
+            y[..2].copy_from_slice(&f16_bytes(d));
+            y[2..4].copy_from_slice(&f16_bytes(-the_min));
+            let (qh, qs) = y[4..].split_at_mut(4);
+            pack_q5(&l, qh, qs);
         }
     }
 

@@ -2,7 +2,7 @@
 //! llama.cpp ignores an importance matrix for Q8_0, and so do we.
 
 use super::{c_trunc_i32, f16_at, f16_bytes, QK};
-use crate::quant::{cpu, kernels_of, BlockQuant, Kernels};
+use crate::quant::{kernels_of, BlockQuant, Kernels};
 use crate::types::GgmlType;
 
 pub const QK8_0: usize = QK;
@@ -30,7 +30,7 @@ impl BlockQuant for Q8_0 {
 
     fn quantize_row(src: &[f32], dst: &mut [u8], _imatrix: Option<&[f32]>) {
         #[cfg(target_arch = "x86_64")]
-        if cpu::has_avx2() {
+        if crate::quant::cpu::has_avx2() {
             // SAFETY: AVX2 was detected at run time.
             return unsafe { avx2::quantize_row(src, dst) };
         }
@@ -48,7 +48,7 @@ impl BlockQuant for Q8_0 {
 
     fn dequantize_row(src: &[u8], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if cpu::has_avx2() {
+        if crate::quant::cpu::has_avx2() {
             // SAFETY: AVX2 was detected at run time.
             return unsafe { avx2::dequantize_row(src, dst) };
         }

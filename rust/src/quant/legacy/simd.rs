@@ -168,3 +168,204 @@ pub(crate) unsafe fn store_block(y: &mut [f32], v: [__m256; 4]) {
         _mm256_storeu_ps(p.add(8 * k), *r);
     }
 }
+
+/// ggml's `nearest_int` on eight lanes: the 1.5·2^23 trick, bit for bit the scalar one.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nearest_int8(v: __m256) -> __m256i {
+    let t = _mm256_castps_si256(_mm256_add_ps(v, _mm256_set1_ps(12_582_912.0)));
+    _mm256_sub_epi32(_mm256_and_si256(t, _mm256_set1_epi32(0x007f_ffff)), _mm256_set1_epi32(0x0040_0000))
+}
+
+/// `util::make_qx_quants(nmax, x, l, 1, Some(qw))` for one 32-element block, bit-identical: the
+/// 19 candidate scales (the first guess and the 18 of the search) run side by side, one per lane,
+/// and each lane accumulates its sums in ggml's element order, so only the scheduling changes.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn make_qx_quants_32(nmax: i32, x: &[f32], qw: &[f32; QK], l: &mut [i8; QK]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in &x[..QK] {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < crate::quant::util::GROUP_MAX_EPS {
+        *l = [0; QK];
+        return 0.0;
+    }
+    let nmaxf = nmax as f32;
+    // Lane 0: the first guess -nmax/max; lanes 1..19: is = -9..-1, 1..9 as in ggml's search.
+    let mut iscales = [-nmaxf / max; 24];
+    for (k, is) in (-9i32..=9).filter(|&is| is != 0).enumerate() {
+        iscales[k + 1] = -(nmaxf + 0.1f32 * is as f32) / max;
+    }
+    let isv: [__m256; 3] = std::array::from_fn(|g| _mm256_loadu_ps(iscales.as_ptr().add(8 * g)));
+    let (lo, hi) = (_mm256_set1_epi32(-nmax), _mm256_set1_epi32(nmax - 1));
+    let mut sumlx = [_mm256_setzero_ps(); 3];
+    let mut suml2 = [_mm256_setzero_ps(); 3];
+    for i in 0..QK {
+        let (xv, wv) = (_mm256_set1_ps(x[i]), _mm256_set1_ps(qw[i]));
+        let wx = _mm256_mul_ps(wv, xv);
+        for g in 0..3 {
+            let q = _mm256_min_epi32(_mm256_max_epi32(nearest_int8(_mm256_mul_ps(isv[g], xv)), lo), hi);
+            let qf = _mm256_cvtepi32_ps(q);
+            // ggml: sumlx += w*x[i]*l; suml2 += w*l*l (left to right, no fusing).
+            sumlx[g] = _mm256_add_ps(sumlx[g], _mm256_mul_ps(wx, qf));
+            suml2[g] = _mm256_add_ps(suml2[g], _mm256_mul_ps(_mm256_mul_ps(wv, qf), qf));
+        }
+    }
+    let (mut slx, mut sl2) = ([0f32; 24], [0f32; 24]);
+    for g in 0..3 {
+        _mm256_storeu_ps(slx.as_mut_ptr().add(8 * g), sumlx[g]);
+        _mm256_storeu_ps(sl2.as_mut_ptr().add(8 * g), suml2[g]);
+    }
+    let mut scale = if sl2[0] != 0.0 { slx[0] / sl2[0] } else { 0.0 };
+    let mut best = scale * slx[0];
+    let mut winner = 0;
+    for k in 1..19 {
+        if sl2[k] > 0.0 && slx[k] * slx[k] > best * sl2[k] {
+            scale = slx[k] / sl2[k];
+            best = scale * slx[k];
+            winner = k;
+        }
+    }
+    let iscale = iscales[winner];
+    for (q, &v) in l.iter_mut().zip(&x[..QK]) {
+        *q = (nmax + crate::quant::util::nearest_int(iscale * v).clamp(-nmax, nmax - 1)) as i8;
+    }
+    scale
+}
+
+/// Fitted scale/min, determinant and weighted error of make_qkx3_quants' search passes
+/// `first..first+8` (one per lane), all seeing the block offset `min`.
+struct Passes {
+    det: [f32; 8],
+    mad: [f32; 8],
+    scale: [f32; 8],
+    min: [f32; 8],
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn qkx3_passes(nmax: i32, x: &[f32], w: &[f32; QK], max: f32, min: f32, sums: (f32, f32), first: usize) -> Passes {
+    let nmaxf = nmax as f32;
+    let iscales: [f32; 8] = std::array::from_fn(|k| (-0.9f32 + 0.05f32 * (first + k) as f32 + nmaxf) / (max - min));
+    let isv = _mm256_loadu_ps(iscales.as_ptr());
+    let zero = _mm256_setzero_ps();
+    let nmaxv = _mm256_set1_ps(nmaxf);
+    // ggml's guarded level: 0 unless v > 0, then nearest_int(min(v, nmax)).
+    let level = |xm: __m256| {
+        let v = _mm256_mul_ps(isv, xm);
+        let q = nearest_int8(_mm256_min_ps(v, nmaxv));
+        _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(v, zero))))
+    };
+    let (mut sum_l, mut sum_l2, mut sum_xl) = (zero, zero, zero);
+    for i in 0..QK {
+        let (xv, wv, xm) = (_mm256_set1_ps(x[i]), _mm256_set1_ps(w[i]), _mm256_set1_ps(x[i] - min));
+        let qf = level(xm);
+        // ggml: sum_l += w*l; sum_l2 += w*l*l; sum_xl += w*l*x[i] (left to right, no fusing).
+        let wq = _mm256_mul_ps(wv, qf);
+        sum_l = _mm256_add_ps(sum_l, wq);
+        sum_l2 = _mm256_add_ps(sum_l2, _mm256_mul_ps(wq, qf));
+        sum_xl = _mm256_add_ps(sum_xl, _mm256_mul_ps(wq, xv));
+    }
+    let (swv, sxv) = (_mm256_set1_ps(sums.0), _mm256_set1_ps(sums.1));
+    let det = _mm256_sub_ps(_mm256_mul_ps(swv, sum_l2), _mm256_mul_ps(sum_l, sum_l));
+    let s = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(swv, sum_xl), _mm256_mul_ps(sxv, sum_l)), det);
+    let m = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(sum_l2, sxv), _mm256_mul_ps(sum_l, sum_xl)), det);
+    // ggml: a positive min is replaced by 0 and the scale refitted without it.
+    let positive = _mm256_cmp_ps::<_CMP_GT_OQ>(m, zero);
+    let this_min = _mm256_andnot_ps(positive, m);
+    let this_scale = _mm256_blendv_ps(s, _mm256_div_ps(sum_xl, sum_l2), positive);
+    let mut mad = zero;
+    for i in 0..QK {
+        let (xv, wv, xm) = (_mm256_set1_ps(x[i]), _mm256_set1_ps(w[i]), _mm256_set1_ps(x[i] - min));
+        let qf = level(xm);
+        let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(this_scale, qf), this_min), xv);
+        mad = _mm256_add_ps(mad, _mm256_mul_ps(wv, _mm256_mul_ps(diff, diff)));
+    }
+    let unpack = |v: __m256| {
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), v);
+        out
+    };
+    Passes { det: unpack(det), mad: unpack(mad), scale: unpack(this_scale), min: unpack(this_min) }
+}
+
+/// `util::make_qkx3_quants(nmax, x, Some(w), l, _, -0.9, 0.05, 36, false)` for one 32-element
+/// block, bit-identical. ggml's 37 search passes depend on each other only through `min`, which
+/// changes when a pass wins; so the next eight passes run at once, one per lane (each lane summing
+/// in ggml's element order), and the search resumes right after the first winner among them.
+/// Returns (scale, -min).
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn make_qkx3_quants_32(nmax: i32, x: &[f32], w: &[f32; QK], l: &mut [u8; QK]) -> (f32, f32) {
+    const NSTEP: usize = 36;
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = w[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..QK {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max <= min {
+        *l = [0; QK];
+        return (0.0, -min);
+    }
+    let nmaxf = nmax as f32;
+    let iscale0 = nmaxf / (max - min);
+    let mut scale = 1.0 / iscale0;
+    let mut best_mad = 0f32;
+    for i in 0..QK {
+        let q = crate::quant::util::nearest_int(iscale0 * (x[i] - min)).clamp(0, nmax);
+        l[i] = q as u8;
+        let diff = scale * q as f32 + min - x[i];
+        best_mad += w[i] * (diff * diff);
+    }
+    let mut first = 0;
+    while first <= NSTEP {
+        // Lanes past the last pass (NSTEP) compute harmless extra passes that are never looked at.
+        let p = qkx3_passes(nmax, x, w, max, min, (sum_w, sum_x), first);
+        let live = (NSTEP + 1 - first).min(8);
+        let Some(k) = (0..live).find(|&k| p.det[k] > 0.0 && p.mad[k] < best_mad) else {
+            first += live;
+            continue;
+        };
+        // The winner's levels, with the iscale and min that pass saw.
+        let iscale = (-0.9f32 + 0.05f32 * (first + k) as f32 + nmaxf) / (max - min);
+        for i in 0..QK {
+            let v = iscale * (x[i] - min);
+            l[i] = if v > 0.0 { crate::quant::util::nearest_int(if v < nmaxf { v } else { nmaxf }) as u8 } else { 0 };
+        }
+        best_mad = p.mad[k];
+        scale = p.scale[k];
+        min = p.min[k];
+        first += k + 1;
+    }
+    (scale, -min)
+}
+
+/// llama.cpp's legacy imatrix weights qw[j] * sqrt(sigma2 + x[j]^2) on eight lanes at a time
+/// (vector sqrt is correctly rounded, like sqrtf).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn imatrix_weights(x: &[f32], qw: &[f32], sigma2: f32) -> [f32; QK] {
+    debug_assert!(x.len() >= QK && qw.len() >= QK);
+    let s = _mm256_set1_ps(sigma2);
+    let mut w = [0f32; QK];
+    for k in 0..QK / 8 {
+        let xv = _mm256_loadu_ps(x.as_ptr().add(8 * k));
+        let qv = _mm256_loadu_ps(qw.as_ptr().add(8 * k));
+        let r = _mm256_mul_ps(qv, _mm256_sqrt_ps(_mm256_add_ps(s, _mm256_mul_ps(xv, xv))));
+        _mm256_storeu_ps(w.as_mut_ptr().add(8 * k), r);
+    }
+    w
+}
