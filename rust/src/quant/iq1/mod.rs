@@ -116,15 +116,20 @@ pub(crate) mod avx2_split {
         if mask == 0 {
             return;
         }
-        let (mut qx, mut q2) = ([[0f32; 8]; K], [[0f32; 8]; K]);
+        // A winner's new scale and score, qx/q2 and (qx/q2)·qx, as the reference computes them.
+        let (mut scale, mut score) = ([[0f32; 8]; K], [[0f32; 8]; K]);
         for k in 0..K {
-            _mm256_storeu_ps(qx[k].as_mut_ptr(), sumqx[k]);
-            _mm256_storeu_ps(q2[k].as_mut_ptr(), sumq2[k]);
+            let sc = _mm256_div_ps(sumqx[k], sumq2[k]);
+            _mm256_storeu_ps(scale[k].as_mut_ptr(), sc);
+            _mm256_storeu_ps(score[k].as_mut_ptr(), _mm256_mul_ps(sc, sumqx[k]));
         }
         while mask != 0 {
             let c = mask.trailing_zeros() as usize;
             let (lane, k) = (c / K, c % K);
-            choice.consider(qx[k][lane], q2[k][lane], candidate(lane, k));
+            // It passed ggml's test against the current best, so it is taken.
+            choice.scale = scale[k][lane];
+            choice.best_score = score[k][lane];
+            choice.best = Some(candidate(lane, k));
             let later = if c + 1 >= 32 { 0 } else { u32::MAX << (c + 1) };
             mask = winners(sumqx, sumq2, choice.best_score) & valid & later;
         }
