@@ -117,9 +117,12 @@ pub(crate) mod avx2_split {
             return;
         }
         // A winner's new scale and score, qx/q2 and (qx/q2)·qx, as the reference computes them.
+        let (mut qx, mut q2) = ([[0f32; 8]; K], [[0f32; 8]; K]);
         let (mut scale, mut score) = ([[0f32; 8]; K], [[0f32; 8]; K]);
         for k in 0..K {
             let sc = _mm256_div_ps(sumqx[k], sumq2[k]);
+            _mm256_storeu_ps(qx[k].as_mut_ptr(), sumqx[k]);
+            _mm256_storeu_ps(q2[k].as_mut_ptr(), sumq2[k]);
             _mm256_storeu_ps(scale[k].as_mut_ptr(), sc);
             _mm256_storeu_ps(score[k].as_mut_ptr(), _mm256_mul_ps(sc, sumqx[k]));
         }
@@ -127,11 +130,26 @@ pub(crate) mod avx2_split {
             let c = mask.trailing_zeros() as usize;
             let (lane, k) = (c / K, c % K);
             // It passed ggml's test against the current best, so it is taken.
+            let old_best = choice.best_score;
             choice.scale = scale[k][lane];
             choice.best_score = score[k][lane];
             choice.best = Some(candidate(lane, k));
-            let later = if c + 1 >= 32 { 0 } else { u32::MAX << (c + 1) };
-            mask = winners(sumqx, sumq2, choice.best_score) & valid & later;
+            mask &= if c + 1 >= 32 { 0 } else { u32::MAX << (c + 1) };
+            if choice.best_score >= old_best {
+                // The test is monotone in the best (q2 > 0, rounding is monotone): candidates that
+                // lost to the old best lose to the new one. Drop the rest that lose now, in order.
+                while mask != 0 {
+                    let j = mask.trailing_zeros() as usize;
+                    let (a, b) = (qx[j % K][j / K], q2[j % K][j / K]);
+                    if b > 0.0 && a * a > choice.best_score * b {
+                        break;
+                    }
+                    mask &= mask - 1;
+                }
+            } else {
+                let later = if c + 1 >= 32 { 0 } else { u32::MAX << (c + 1) };
+                mask = winners(sumqx, sumq2, choice.best_score) & valid & later;
+            }
         }
     }
 }
