@@ -3,7 +3,7 @@
 //! 16, and the f16 super-scale spread over their top nibbles) = 56 bytes.
 //! Weight j of a group is d·(2s+1)·(grid[j] ± 1/8). llama.cpp does not require an imatrix here.
 
-use super::{iq1_search, sorted_order, SplitChoice, X_M, X_P};
+use super::{iq1_search, sorted_order, sorted_order_fast, SplitChoice, X_M, X_P};
 use crate::quant::iq2::{c_max, f16_bits, f16_value, nearest_int, pattern, GridSearch};
 use crate::quant::iq_tables::IQ1S_GRID;
 use crate::quant::{kernels_of, BlockQuant, Kernels};
@@ -241,7 +241,11 @@ fn quantize_block<const FAST: bool>(
             shifts[ib] = 0;
             continue;
         }
-        let order = sorted_order::<BLOCK>(xb);
+        let order = if FAST {
+            sorted_order_fast::<BLOCK>(xb)
+        } else {
+            sorted_order::<BLOCK>(xb)
+        };
         let prefix = half_prefix(&order, xb, &weight);
         let (best, mut scale) = if FAST {
             best_split_fast(&prefix, max)

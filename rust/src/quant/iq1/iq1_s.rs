@@ -2,7 +2,7 @@
 //! qh[8] (u16 per 32: three 3-bit index highs, a 3-bit scale s, the shift sign) = 50 bytes.
 //! Weight j of a group is d·(2s+1)·(grid[j] ± 1/8).
 
-use super::{iq1_search, sorted_order, SplitChoice, X_M, X_P};
+use super::{iq1_search, sorted_order, sorted_order_fast, SplitChoice, X_M, X_P};
 use crate::quant::iq2::{c_max, f16_bits, f16_value, nearest_int, pattern, GridSearch};
 use crate::quant::iq_tables::IQ1S_GRID;
 use crate::quant::{kernels_of, BlockQuant, Kernels};
@@ -147,7 +147,11 @@ fn quantize_block<const FAST: bool>(
             shifts[ib] = 1;
             continue;
         }
-        let order = sorted_order::<BLOCK>(xb);
+        let order = if FAST {
+            sorted_order_fast::<BLOCK>(xb)
+        } else {
+            sorted_order::<BLOCK>(xb)
+        };
         for (j, &i) in order.iter().enumerate() {
             sumx[j + 1] = sumx[j] + weight[i] * xb[i];
             sumw[j + 1] = sumw[j] + weight[i];

@@ -47,6 +47,16 @@ pub(crate) fn sorted_order<const N: usize>(xb: &[f32]) -> [usize; N] {
     keys.map(|k| (k & 0xffff_ffff) as usize)
 }
 
+/// `sorted_order` on the fastest path this CPU has (same order).
+pub(crate) fn sorted_order_fast<const N: usize>(xb: &[f32]) -> [usize; N] {
+    #[cfg(target_arch = "x86_64")]
+    if N % 8 == 0 && N <= 32 && crate::quant::cpu::has_avx2() {
+        // Safety: AVX2 is present; N is 8, 16, 24 or 32.
+        return unsafe { avx2_split::sorted_order(xb) };
+    }
+    sorted_order(xb)
+}
+
 /// AVX2 helpers for the boundary searches, which score 8 splits per register.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2_split {
@@ -70,6 +80,33 @@ pub(crate) mod avx2_split {
     }
     static SPREAD2: [u32; 256] = spread_table(2);
     static SPREAD4: [u32; 256] = spread_table(4);
+
+    /// Each element's place in the stable ascending order is the number of smaller elements plus
+    /// the number of equal ones before it (float comparison, so -0.0 equals +0.0).
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn sorted_order<const N: usize>(xb: &[f32]) -> [usize; N] {
+        let mut v = [_mm256_setzero_ps(); 4];
+        for (c, slot) in v.iter_mut().enumerate().take(N / 8) {
+            *slot = _mm256_loadu_ps(xb[8 * c..8 * c + 8].as_ptr());
+        }
+        let mut order = [0usize; N];
+        for i in 0..N {
+            let b = _mm256_set1_ps(xb[i]);
+            let mut ahead = 0u32;
+            for c in 0..N / 8 {
+                let lt = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(v[c], b)) as u32;
+                let eq = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(v[c], b)) as u32;
+                let before = if i >= 8 * c + 8 {
+                    0xff
+                } else {
+                    (1u32 << i.saturating_sub(8 * c)) - 1
+                };
+                ahead |= (lt | (eq & before)) << (8 * c);
+            }
+            order[ahead.count_ones() as usize] = i;
+        }
+        order
+    }
 
     /// Which of the K×8 candidates (bit K·lane + k) beat `best` by ggml's test
     /// sumq2 > 0 && sumqx² > best·sumq2, computed with the same operations.
@@ -116,17 +153,40 @@ pub(crate) mod avx2_split {
         if mask == 0 {
             return;
         }
+        // A winner's new scale and score, qx/q2 and (qx/q2)·qx, as the reference computes them.
         let (mut qx, mut q2) = ([[0f32; 8]; K], [[0f32; 8]; K]);
+        let (mut scale, mut score) = ([[0f32; 8]; K], [[0f32; 8]; K]);
         for k in 0..K {
+            let sc = _mm256_div_ps(sumqx[k], sumq2[k]);
             _mm256_storeu_ps(qx[k].as_mut_ptr(), sumqx[k]);
             _mm256_storeu_ps(q2[k].as_mut_ptr(), sumq2[k]);
+            _mm256_storeu_ps(scale[k].as_mut_ptr(), sc);
+            _mm256_storeu_ps(score[k].as_mut_ptr(), _mm256_mul_ps(sc, sumqx[k]));
         }
         while mask != 0 {
             let c = mask.trailing_zeros() as usize;
             let (lane, k) = (c / K, c % K);
-            choice.consider(qx[k][lane], q2[k][lane], candidate(lane, k));
-            let later = if c + 1 >= 32 { 0 } else { u32::MAX << (c + 1) };
-            mask = winners(sumqx, sumq2, choice.best_score) & valid & later;
+            // It passed ggml's test against the current best, so it is taken.
+            let old_best = choice.best_score;
+            choice.scale = scale[k][lane];
+            choice.best_score = score[k][lane];
+            choice.best = Some(candidate(lane, k));
+            mask &= if c + 1 >= 32 { 0 } else { u32::MAX << (c + 1) };
+            if choice.best_score >= old_best {
+                // The test is monotone in the best (q2 > 0, rounding is monotone): candidates that
+                // lost to the old best lose to the new one. Drop the rest that lose now, in order.
+                while mask != 0 {
+                    let j = mask.trailing_zeros() as usize;
+                    let (a, b) = (qx[j % K][j / K], q2[j % K][j / K]);
+                    if b > 0.0 && a * a > choice.best_score * b {
+                        break;
+                    }
+                    mask &= mask - 1;
+                }
+            } else {
+                let later = if c + 1 >= 32 { 0 } else { u32::MAX << (c + 1) };
+                mask = winners(sumqx, sumq2, choice.best_score) & valid & later;
+            }
         }
     }
 }
@@ -169,6 +229,22 @@ mod tests {
         for i in 0..s.len() {
             let levels: Vec<i8> = s.levels(i as u16).iter().map(|&l| l as i8).collect();
             assert_eq!(s.lookup(pattern(&levels)).unwrap(), i as u16);
+        }
+    }
+
+    #[test]
+    fn fast_sort_matches() {
+        let mut r = crate::quant::testdata::Rng::new(3);
+        for _ in 0..200 {
+            let x: [f32; 32] = std::array::from_fn(|_| {
+                ((r.next_u64() % 7) as f32 - 3.0) * 0.5
+                    + if r.next_u64() % 5 == 0 { -0.0 } else { 0.0 }
+            });
+            assert_eq!(sorted_order_fast::<32>(&x), sorted_order::<32>(&x));
+            assert_eq!(
+                sorted_order_fast::<16>(&x[..16]),
+                sorted_order::<16>(&x[..16])
+            );
         }
     }
 

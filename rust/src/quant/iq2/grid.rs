@@ -9,26 +9,32 @@
 /// ggml's kmap_size: patterns are 8 two-bit fields, the largest reachable one is 0xAAAA.
 const MAP_SIZE: usize = 43692;
 
-/// Eight neighbours of one list for the AVX2 search: per lane, the neighbour's levels packed
-/// 3 bits per coordinate (coordinate i at bit 3i, plus 4 for i >= 4: coordinates i and i+4 share
-/// one term table, in its low and high half). Lanes past the list's end repeat its last entry.
+/// Eight neighbours of one list for the AVX2 search: per lane, the neighbour's pattern (8 levels,
+/// 2 bits each, coordinate i at bit 2i) in the low 16 bits and its grid index in the high 16.
+/// Lanes past the list's end repeat its last entry.
 #[derive(Clone, Copy)]
 #[repr(align(32))]
 pub(crate) struct NeighbourChunk([u32; 8]);
 
+impl NeighbourChunk {
+    #[inline]
+    fn index(&self, lane: usize) -> u16 {
+        (self.0[lane] >> 16) as u16
+    }
+}
+
+/// `map` entries: the grid index, or OFF_GRID | count << 22 | first chunk of the neighbour list.
+const OFF_GRID: u32 = 1 << 31;
+/// Patterns with a level of 3, which no quantizer makes.
+const UNREACHABLE: u32 = u32::MAX;
+
 pub(crate) struct GridSearch {
     /// Grid points as their 8 levels l in 0..=2 (ggml stores 2l+1).
     points: Vec<[u8; 8]>,
-    /// Pattern -> grid index (>= 0), or -(n + 1) for the n-th neighbour list; i32::MIN if a
-    /// level is 3 (no quantizer makes those).
-    map: Vec<i32>,
-    /// Neighbour lists back to back: grid indices, nearest first, ties by index.
-    neighbours: Vec<u16>,
-    /// List n is `neighbours[list_start[n]..list_start[n + 1]]`.
-    list_start: Vec<u32>,
-    /// The same lists in chunks of 8: list n is `chunks[chunk_start[n]..chunk_start[n + 1]]`.
+    /// Pattern -> grid index, or where its neighbour list is (one load finds everything).
+    map: Vec<u32>,
+    /// Neighbour lists (nearest first, ties by index) in chunks of 8.
     chunks: Vec<NeighbourChunk>,
-    chunk_start: Vec<u32>,
 }
 
 impl GridSearch {
@@ -39,14 +45,11 @@ impl GridSearch {
             .iter()
             .map(|&g| std::array::from_fn(|k| ((g >> (2 * k)) & 3) as u8))
             .collect();
-        let mut map = vec![i32::MIN; MAP_SIZE];
+        let mut map = vec![UNREACHABLE; MAP_SIZE];
         for (i, &g) in kgrid.iter().enumerate() {
-            map[g as usize] = i as i32;
+            map[g as usize] = i as u32;
         }
-        let mut neighbours: Vec<u16> = Vec::new();
-        let mut list_start: Vec<u32> = Vec::new();
         let mut chunks: Vec<NeighbourChunk> = Vec::new();
-        let mut chunk_start: Vec<u32> = Vec::new();
         // Squared distances in level units: ggml's coordinates 2l+1 give 4× these, same order.
         let mut dist2 = vec![0u8; points.len()];
         // Per coordinate and pattern level, every point's squared level difference
@@ -63,7 +66,7 @@ impl GridSearch {
         for u in 0..MAP_SIZE {
             let levels: [u8; 8] = std::array::from_fn(|k| ((u >> (2 * k)) & 3) as u8);
             // Only patterns of levels 0..=2 can occur: every quantizer clamps to that range.
-            if map[u] >= 0 || levels.iter().any(|&l| l > 2) {
+            if map[u] != UNREACHABLE || levels.iter().any(|&l| l > 2) {
                 continue;
             }
             dist2.copy_from_slice(&squares[0][levels[0] as usize]);
@@ -90,29 +93,19 @@ impl GridSearch {
             list.clear();
             list.extend((0..dist2.len() as u16).filter(|&j| dist2[j as usize] <= threshold));
             list.sort_by_key(|&j| dist2[j as usize]);
-            map[u] = -(list_start.len() as i32 + 1);
-            list_start.push(neighbours.len() as u32);
-            neighbours.extend_from_slice(&list);
-            chunk_start.push(chunks.len() as u32);
+            debug_assert!(!list.is_empty() && list.len() < 512 && chunks.len() < 1 << 22);
+            map[u] = OFF_GRID | (list.len() as u32) << 22 | chunks.len() as u32;
             for part in list.chunks(8) {
                 chunks.push(NeighbourChunk(std::array::from_fn(|lane| {
-                    let p = &points[part[lane.min(part.len() - 1)] as usize];
-                    (0..8).fold(0u32, |acc, i| {
-                        acc | ((p[i] as u32 + if i >= 4 { 4 } else { 0 }) << (3 * i))
-                    })
+                    let j = part[lane.min(part.len() - 1)];
+                    kgrid[j as usize] as u32 | (j as u32) << 16
                 })));
             }
         }
-        // One past the last list, so each list's range is two consecutive entries.
-        list_start.push(neighbours.len() as u32);
-        chunk_start.push(chunks.len() as u32);
         GridSearch {
             points,
             map,
-            neighbours,
-            list_start,
             chunks,
-            chunk_start,
         }
     }
 
@@ -132,12 +125,24 @@ impl GridSearch {
     #[inline]
     pub(crate) fn lookup(&self, pattern: u16) -> Result<u16, OffGrid> {
         let m = self.map[pattern as usize];
-        if m >= 0 {
+        if m & OFF_GRID == 0 {
             Ok(m as u16)
         } else {
-            debug_assert!(m != i32::MIN, "pattern {pattern:#x} has a level above 2");
-            Err(OffGrid((-m - 1) as usize))
+            debug_assert!(m != UNREACHABLE, "pattern {pattern:#x} has a level above 2");
+            Err(OffGrid {
+                first_chunk: m & 0x3f_ffff,
+                count: (m >> 22) & 0x1ff,
+            })
         }
+    }
+
+    fn list(&self, off: OffGrid) -> impl Iterator<Item = u16> + '_ {
+        let n_chunks = off.count.div_ceil(8) as usize;
+        let first = off.first_chunk as usize;
+        self.chunks[first..first + n_chunks]
+            .iter()
+            .flat_map(|c| (0..8).map(|lane| c.index(lane)))
+            .take(off.count as usize)
     }
 
     /// Reference search (ggml's `iq2_find_best_neighbour` and the list scan of
@@ -152,11 +157,9 @@ impl GridSearch {
         weight: &[f32],
         scale: f32,
     ) -> u16 {
-        let list =
-            &self.neighbours[self.list_start[off.0] as usize..self.list_start[off.0 + 1] as usize];
         let mut best_d2 = f32::MAX;
-        let mut best = list[0];
-        for &j in list {
+        let mut best = self.chunks[off.first_chunk as usize].index(0);
+        for j in self.list(off) {
             let p = &self.points[j as usize];
             let mut d2 = 0f32;
             for i in 0..8 {
@@ -200,9 +203,9 @@ impl GridSearch {
         scale: f32,
     ) -> u16 {
         use std::arch::x86_64::*;
-        let chunks =
-            &self.chunks[self.chunk_start[off.0] as usize..self.chunk_start[off.0 + 1] as usize];
-        let n = (self.list_start[off.0 + 1] - self.list_start[off.0]) as usize;
+        let n = off.count as usize;
+        let first = off.first_chunk as usize;
+        let chunks = &self.chunks[first..first + n.div_ceil(8)];
         // Each term w·(s·q − x)² exactly as the reference computes it: mul, sub, mul, mul.
         let x = _mm256_loadu_ps(xval.as_ptr());
         let w = _mm256_loadu_ps(weight[..8].as_ptr());
@@ -211,53 +214,58 @@ impl GridSearch {
             _mm256_mul_ps(_mm256_mul_ps(w, diff), diff)
         };
         let (t0, t1, t2) = (term(values[0]), term(values[1]), term(values[2]));
-        // Tables: tab[c] holds coordinate c's three terms in lanes 0..3, coordinate c+4's in 4..7.
+        // Tables: tab[i] holds coordinate i's terms for levels 0, 1, 2 in lanes 0..3 of both halves.
         let t01_lo = _mm256_unpacklo_ps(t0, t1); // t0[0] t1[0] t0[1] t1[1] | t0[4] t1[4] ...
         let t01_hi = _mm256_unpackhi_ps(t0, t1); // t0[2] t1[2] t0[3] t1[3] | t0[6] ...
         let t22_lo = _mm256_unpacklo_ps(t2, t2);
         let t22_hi = _mm256_unpackhi_ps(t2, t2);
-        let tab = [
-            _mm256_shuffle_ps::<0b01_00_01_00>(t01_lo, t22_lo),
-            _mm256_shuffle_ps::<0b11_10_11_10>(t01_lo, t22_lo),
-            _mm256_shuffle_ps::<0b01_00_01_00>(t01_hi, t22_hi),
-            _mm256_shuffle_ps::<0b11_10_11_10>(t01_hi, t22_hi),
+        let pairs = [
+            _mm256_shuffle_ps::<0b01_00_01_00>(t01_lo, t22_lo), // coordinates 0 | 4
+            _mm256_shuffle_ps::<0b11_10_11_10>(t01_lo, t22_lo), // 1 | 5
+            _mm256_shuffle_ps::<0b01_00_01_00>(t01_hi, t22_hi), // 2 | 6
+            _mm256_shuffle_ps::<0b11_10_11_10>(t01_hi, t22_hi), // 3 | 7
         ];
-        let list = &self.neighbours[self.list_start[off.0] as usize..];
+        let tab: [__m256; 8] = std::array::from_fn(|i| {
+            if i < 4 {
+                _mm256_permute2f128_ps::<0x00>(pairs[i], pairs[i])
+            } else {
+                _mm256_permute2f128_ps::<0x11>(pairs[i - 4], pairs[i - 4])
+            }
+        });
         let mut best_d2 = f32::MAX;
-        let mut best = list[0];
+        let mut best = chunks[0].index(0);
         let mut d2 = [0f32; 8];
         for (ci, c) in chunks.iter().enumerate() {
             let packed = _mm256_load_si256(c.0.as_ptr() as *const __m256i);
-            // vpermps reads only the low 3 bits of each index: coordinate i's level(+4) at bit 3i.
-            let mut acc = _mm256_permutevar8x32_ps(tab[0], packed);
-            acc = _mm256_add_ps(_mm256_setzero_ps(), acc);
+            // vpermilps reads the low 2 bits of each index: coordinate i's level at bit 2i.
+            let mut acc = _mm256_add_ps(_mm256_setzero_ps(), _mm256_permutevar_ps(tab[0], packed));
             acc = _mm256_add_ps(
                 acc,
-                _mm256_permutevar8x32_ps(tab[1], _mm256_srli_epi32::<3>(packed)),
+                _mm256_permutevar_ps(tab[1], _mm256_srli_epi32::<2>(packed)),
             );
             acc = _mm256_add_ps(
                 acc,
-                _mm256_permutevar8x32_ps(tab[2], _mm256_srli_epi32::<6>(packed)),
+                _mm256_permutevar_ps(tab[2], _mm256_srli_epi32::<4>(packed)),
             );
             acc = _mm256_add_ps(
                 acc,
-                _mm256_permutevar8x32_ps(tab[3], _mm256_srli_epi32::<9>(packed)),
+                _mm256_permutevar_ps(tab[3], _mm256_srli_epi32::<6>(packed)),
             );
             acc = _mm256_add_ps(
                 acc,
-                _mm256_permutevar8x32_ps(tab[0], _mm256_srli_epi32::<12>(packed)),
+                _mm256_permutevar_ps(tab[4], _mm256_srli_epi32::<8>(packed)),
             );
             acc = _mm256_add_ps(
                 acc,
-                _mm256_permutevar8x32_ps(tab[1], _mm256_srli_epi32::<15>(packed)),
+                _mm256_permutevar_ps(tab[5], _mm256_srli_epi32::<10>(packed)),
             );
             acc = _mm256_add_ps(
                 acc,
-                _mm256_permutevar8x32_ps(tab[2], _mm256_srli_epi32::<18>(packed)),
+                _mm256_permutevar_ps(tab[6], _mm256_srli_epi32::<12>(packed)),
             );
             acc = _mm256_add_ps(
                 acc,
-                _mm256_permutevar8x32_ps(tab[3], _mm256_srli_epi32::<21>(packed)),
+                _mm256_permutevar_ps(tab[7], _mm256_srli_epi32::<14>(packed)),
             );
             let below =
                 _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(acc, _mm256_set1_ps(best_d2)));
@@ -267,7 +275,7 @@ impl GridSearch {
                 for lane in 0..lanes {
                     if d2[lane] < best_d2 {
                         best_d2 = d2[lane];
-                        best = list[8 * ci + lane];
+                        best = c.index(lane);
                     }
                 }
             }
@@ -276,6 +284,9 @@ impl GridSearch {
     }
 }
 
-/// Number of an off-grid pattern's neighbour list.
+/// Where an off-grid pattern's neighbour list is.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct OffGrid(usize);
+pub(crate) struct OffGrid {
+    first_chunk: u32,
+    count: u32,
+}

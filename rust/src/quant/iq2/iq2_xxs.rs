@@ -4,10 +4,11 @@
 
 use super::trials::Trials;
 use super::{
-    c_max, even_signs, f16_bits, f16_value, iq2xxs_search, make_qp_quants, nearest_int, pattern,
-    GridSearch, IQ2_SEARCH_VALUES,
+    c_max, even_signs, f16_bits, f16_value, iq2xxs_search, nearest_int, pattern, GridSearch,
+    IQ2_SEARCH_VALUES,
 };
 use crate::quant::iq_tables::{IQ2XXS_GRID, KSIGNS_IQ2XS};
+use crate::quant::util::make_qp_quants;
 use crate::quant::{kernels_of, BlockQuant, Kernels};
 use crate::types::{GgmlType, QK_K};
 
@@ -140,6 +141,7 @@ fn quantize_block<const FAST: bool>(
             scales[ib] = 0.0;
             continue;
         }
+        // Negative magnitudes (the flipped element) wrap in its u8 levels, as in ggml.
         let mut scale = make_qp_quants(K_MAX_Q + 1, &xval, &mut qp_levels, &weight);
         let eff_max = scale * K_MAX_Q as f32;
         if eff_max <= 0.0 {
