@@ -1,11 +1,12 @@
 """Record llama.cpp's per-tensor type choice for every quantization preset (dev-only).
 
 For each model (the synthetic ones from ``tests/data/make_preset_model.py``, plus the tiny fixture
-and the reference model when present) and each case (every preset, without and with an importance
-matrix, plus a few cases with --tensor-type rules, token/output types, --pure, --leave-output-tensor
-and --prune-layers), llama.cpp's ``llama_model_quantize`` runs in dry-run mode (it picks the types
-and logs them without quantizing) and the types are parsed from its log. Each model runs in its own
-subprocess because llama.cpp may abort the process.
+and the reference model pyqmoe/models/qwen3moe-ref-bf16.gguf when present) and each case (every
+preset, without and with an importance matrix, plus a few cases with --tensor-type rules,
+token/output types, --pure, --leave-output-tensor and --prune-layers), llama.cpp's
+``llama_model_quantize`` runs in dry-run mode (it picks the types and logs them without
+quantizing) and the types are parsed from its log. Each model runs in its own subprocess because
+llama.cpp may abort the process.
 
 Writes ``tests/data/llamacpp_preset_types.json``:
 ``{"llama_cpp_python": version, "models": {model: {"names": [...], "cases": [{case..., "types": "T1 T2 ..."}
@@ -27,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
+REF_MODEL = ROOT / "pyqmoe" / "models" / "qwen3moe-ref-bf16.gguf"
 sys.path.insert(0, str(DATA))
 
 PRESETS = {  # name -> llama_ftype
@@ -50,6 +52,12 @@ EXTRA = {
         ("Q4_K_M-prune-3-7-11", "Q4_K_M", True, dict(prune=[3, 7, 11], tensor_types=[["attn", "Q6_K"]])),
         ("Q4_K_M-tied-output-type", "Q4_K_M", False, dict(output_tensor_type="Q8_0")),
         ("IQ2_M-embd", "IQ2_M", True, dict(token_embedding_type="Q4_K")),
+    ],
+    "ref": [
+        ("IQ3_S-seed", "IQ3_S", True, dict(
+            tensor_types=[["ffn_gate_exps", "IQ2_S"], ["ffn_down_exps", "IQ3_S"], ["attn_q", "Q4_K"]],
+            token_embedding_type="Q6_K", output_tensor_type="Q6_K")),
+        ("Q4_K_M-prune", "Q4_K_M", True, dict(prune=[1, 3], tensor_types=[["attn", "Q6_K"]])),
     ],
     "dense": [
         ("Q4_K_M-layer-rule", "Q4_K_M", False, dict(tensor_types=[[r"\.([0-9]|1[01257]|31)\.attn_k", "Q4_K"]])),
@@ -160,9 +168,9 @@ def main():
         for name in ("moe8", "moe16", "dense"):
             models[name] = Path(tmp) / f"{name}.gguf"
             write_model(models[name], name)
-        tiny = DATA / "tiny-qwen3moe-f32.gguf"
-        if tiny.is_file():
-            models["tiny"] = tiny
+        for name, path in (("tiny", DATA / "tiny-qwen3moe-f32.gguf"), ("ref", REF_MODEL)):
+            if path.is_file():
+                models[name] = path
         for spec in a.model:
             name, path = spec.split("=", 1)
             models[name] = Path(path)

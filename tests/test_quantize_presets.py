@@ -31,6 +31,8 @@ def preset_models(tmp_path_factory):
     for name in REF["models"]:
         if name == "tiny":
             paths[name] = DATA / "tiny-qwen3moe-f32.gguf"
+        elif name == "ref":
+            paths[name] = DATA.parent.parent / "pyqmoe" / "models" / "qwen3moe-ref-bf16.gguf"
         else:
             paths[name] = d / f"{name}.gguf"
             write_model(paths[name], name)
