@@ -232,6 +232,37 @@ mod tests {
         }
     }
 
+    /// Values whose squares overflow make ggml abort (no neighbour compares below FLT_MAX);
+    /// pyqmoe must still return bytes, the same on both paths, for all five types.
+    #[test]
+    fn overflowing_inputs_do_not_panic() {
+        use crate::quant::kernels;
+        use crate::types::GgmlType::*;
+        let w = crate::quant::testdata::importance(2, 256);
+        let rows: Vec<Vec<f32>> = vec![
+            (0..256)
+                .map(|i| {
+                    if i % 3 == 0 {
+                        3e38
+                    } else {
+                        -1e30 * (i % 5) as f32
+                    }
+                })
+                .collect(),
+            (0..256).map(|i| (i as f32 - 128.0) * 1e36).collect(),
+        ];
+        for ty in [IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M] {
+            let k = kernels(ty).unwrap();
+            for x in &rows {
+                let mut a = vec![0u8; ty.row_size(256).unwrap()];
+                let mut b = a.clone();
+                (k.quantize_row_ref)(x, &mut a, Some(&w));
+                (k.quantize_row)(x, &mut b, Some(&w));
+                assert_eq!(a, b, "{ty}");
+            }
+        }
+    }
+
     #[test]
     fn fast_sort_matches() {
         let mut r = crate::quant::testdata::Rng::new(3);
