@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod gguf;
+pub mod model;
 pub mod quant;
 pub mod quantize_model;
 pub mod types;

@@ -13,6 +13,8 @@ use pyqmoe_core::gguf::{GgufModel, SplitLimits, SplitWriter, TensorSpec, Value, 
 use pyqmoe_core::quantize_model::{self as qm, Progress, QuantizeParams, TensorRule};
 use pyqmoe_core::{quant, Error, GgmlType};
 
+mod model;
+
 create_exception!(
     _core,
     PyqmoeError,
@@ -509,6 +511,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_model, m)?)?;
     m.add_function(wrap_pyfunction!(value_type_names, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
+    model::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
