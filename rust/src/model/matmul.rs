@@ -1,15 +1,18 @@
 //! Weight-matrix × activation products over rows of any supported storage type.
 //!
 //! `matmul` computes y[t][r] = Σ_c W[r][c]·x[t][c] for a batch of tokens, reading each weight row
-//! once per call: rows are handled in blocks (rayon over blocks), each block turned into f32 once
-//! and then dotted with every token's activations. How a row becomes dot products is a
-//! `RowKernel` chosen per type; per-type quantized dot kernels (activations quantized to Q8_0/Q8_K
-//! like ggml) slot in there as new variants.
+//! once per call: rows are handled in blocks (rayon over blocks), each block meeting every token's
+//! activations. How a row becomes dot products is a `RowKernel` chosen per type: F32 rows are read
+//! in place, F16/BF16 (and any type without a quantized kernel) are converted to f32 block by
+//! block, and Q8_0 rows use an integer dot against activations quantized once per call, as ggml
+//! does (`vec_dot`). New per-type quantized kernels slot in as `RowKernel::Quantized` entries.
 
 use rayon::prelude::*;
 
 use crate::quant::{self, cpu, DequantizeRowFn};
 use crate::types::GgmlType;
+
+use super::vec_dot;
 
 /// A read-only view of one weight matrix: `n_rows` rows of `n_cols` elements of type `ty`.
 #[derive(Clone, Copy)]
@@ -41,11 +44,23 @@ enum RowKernel {
     F32InPlace,
     /// Rows converted to f32 (block by block, by the type's dequantizer), then f32 dots.
     Dequantize(DequantizeRowFn),
+    /// Rows kept in their block format; activations quantized once per call to `act_ty` and
+    /// multiplied with an integer dot kernel (ggml's `vec_dot_type` scheme).
+    Quantized {
+        act_ty: GgmlType,
+        quantize_act: fn(&[f32], &mut [u8]),
+        vec_dot: fn(&[u8], &[u8]) -> f32,
+    },
 }
 
 fn row_kernel(ty: GgmlType) -> RowKernel {
     match ty {
         GgmlType::F32 if cfg!(target_endian = "little") => RowKernel::F32InPlace,
+        GgmlType::Q8_0 => RowKernel::Quantized {
+            act_ty: GgmlType::Q8_0,
+            quantize_act: vec_dot::quantize_act_q8_0,
+            vec_dot: vec_dot::vec_dot_q8_0,
+        },
         _ => RowKernel::Dequantize(
             quant::kernels(ty)
                 .expect("weight types are checked at load time")
@@ -83,39 +98,66 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
     // Each task writes its rows for all tokens into its own slice of a row-major [n_rows][n_tok]
     // buffer; one transpose at the end gives [n_tok][n_rows].
     let mut yt = vec![0f32; n_rows * n_tok];
-    let in_place = match kernel {
-        RowKernel::F32InPlace => as_f32s(w.data),
-        RowKernel::Dequantize(_) => None,
-    };
-    let dequantize: DequantizeRowFn = match kernel {
-        RowKernel::Dequantize(f) => f,
-        RowKernel::F32InPlace => quant::float::F32_KERNELS.dequantize_row,
-    };
-    yt.par_chunks_mut(block * n_tok)
-        .enumerate()
-        .for_each(|(b, out)| {
-            let r0 = b * block;
-            let rows = out.len() / n_tok;
-            let mut buf = Vec::new();
-            let wrows: &[f32] = match in_place {
-                Some(all) => &all[r0 * n_cols..(r0 + rows) * n_cols],
-                None => {
-                    buf.resize(rows * n_cols, 0.0);
-                    for (i, dst) in buf.chunks_exact_mut(n_cols).enumerate() {
-                        let r = r0 + i;
-                        dequantize(&w.data[r * row_bytes..(r + 1) * row_bytes], dst);
+    match kernel {
+        RowKernel::Quantized {
+            act_ty,
+            quantize_act,
+            vec_dot,
+        } => {
+            let act_row = act_ty
+                .row_size(n_cols)
+                .expect("quantized weight rows are whole blocks");
+            let mut xq = vec![0u8; n_tok * act_row];
+            xq.par_chunks_mut(act_row)
+                .zip(x.par_chunks(n_cols))
+                .for_each(|(q, xr)| quantize_act(xr, q));
+            yt.par_chunks_mut(block * n_tok)
+                .enumerate()
+                .for_each(|(b, out)| {
+                    let r0 = b * block;
+                    let wrows = &w.data[r0 * row_bytes..(r0 + out.len() / n_tok) * row_bytes];
+                    for (t, xt) in xq.chunks_exact(act_row).enumerate() {
+                        for (i, wr) in wrows.chunks_exact(row_bytes).enumerate() {
+                            out[i * n_tok + t] = vec_dot(wr, xt);
+                        }
                     }
-                    &buf
-                }
+                });
+        }
+        RowKernel::F32InPlace | RowKernel::Dequantize(_) => {
+            let in_place = match kernel {
+                RowKernel::F32InPlace => as_f32s(w.data),
+                _ => None,
             };
-            // Token-outer order keeps one activation row in L1 while it meets every row of the block.
-            for t in 0..n_tok {
-                let xt = &x[t * n_cols..(t + 1) * n_cols];
-                for (i, wr) in wrows.chunks_exact(n_cols).enumerate() {
-                    out[i * n_tok + t] = dot(wr, xt);
-                }
-            }
-        });
+            let dequantize: DequantizeRowFn = match kernel {
+                RowKernel::Dequantize(f) => f,
+                _ => quant::float::F32_KERNELS.dequantize_row,
+            };
+            yt.par_chunks_mut(block * n_tok)
+                .enumerate()
+                .for_each(|(b, out)| {
+                    let r0 = b * block;
+                    let rows = out.len() / n_tok;
+                    let mut buf = Vec::new();
+                    let wrows: &[f32] = match in_place {
+                        Some(all) => &all[r0 * n_cols..(r0 + rows) * n_cols],
+                        None => {
+                            buf.resize(rows * n_cols, 0.0);
+                            for (i, dst) in buf.chunks_exact_mut(n_cols).enumerate() {
+                                let r = r0 + i;
+                                dequantize(&w.data[r * row_bytes..(r + 1) * row_bytes], dst);
+                            }
+                            &buf
+                        }
+                    };
+                    // Token-outer order keeps one activation row in L1 while it meets every row.
+                    for (t, xt) in x.chunks_exact(n_cols).enumerate() {
+                        for (i, wr) in wrows.chunks_exact(n_cols).enumerate() {
+                            out[i * n_tok + t] = dot(wr, xt);
+                        }
+                    }
+                });
+        }
+    }
     if n_tok == 1 {
         y.copy_from_slice(&yt);
     } else {
@@ -239,8 +281,10 @@ mod tests {
                 matmul(&m, &x[..n_tok * n_cols], n_tok, &mut y);
                 let want = naive(&wq, &x, n_rows, n_cols, n_tok);
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                // Q8_0 rows meet Q8_0-quantized activations (~0.4% noise), the others exact f32.
+                let tol = if ty == GgmlType::Q8_0 { 2e-2 } else { 1e-5 };
                 for (a, b) in y.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-5 * scale, "{ty}: {a} vs {b}");
+                    assert!((a - b).abs() <= tol * scale, "{ty}: {a} vs {b}");
                 }
             }
         }

@@ -1,7 +1,8 @@
 //! CPU inference for Qwen3-MoE and dense Qwen3 GGUF models.
 //!
 //! `config` reads hyper-parameters, `weights` finds the tensors (kept memory-mapped in their file
-//! type), `matmul` multiplies weight rows of any supported type with f32 activations, `ops` holds
+//! type), `matmul` multiplies weight rows of any supported type with f32 activations (`vec_dot`: quantized
+//! dot kernels), `ops` holds
 //! the per-row operations, `forward` is the forward pass with its KV cache, `sampling` picks tokens.
 
 pub mod config;
@@ -9,6 +10,7 @@ pub mod forward;
 pub mod matmul;
 pub mod ops;
 pub mod sampling;
+pub mod vec_dot;
 pub mod weights;
 
 use std::path::Path;
