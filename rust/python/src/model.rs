@@ -72,7 +72,7 @@ impl Sampler {
 pub struct Engine {
     model: Model,
     state: State,
-    pool: Option<rayon::ThreadPool>,
+    pool: rayon::ThreadPool,
     /// Logits of the last evaluated token, for `sample_next`.
     last_logits: Vec<f32>,
 }
@@ -86,10 +86,7 @@ impl Engine {
         let Engine {
             model, state, pool, ..
         } = self;
-        py.detach(|| match pool {
-            Some(p) => p.install(|| f(model, state)),
-            None => f(model, state),
-        })
+        py.detach(|| pool.install(|| f(model, state)))
     }
 }
 
@@ -116,15 +113,15 @@ impl Engine {
         if n_ctx == 0 {
             return Err(PyValueError::new_err("n_ctx must be > 0"));
         }
-        let pool = match threads {
-            None | Some(0) => None,
-            Some(n) => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .build()
-                    .map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))?,
-            ),
-        };
+        // Always an own pool, entered with `install`: rayon's global pool would make every
+        // parallel loop a cross-thread hand-off from this (non-pool) calling thread.
+        let n_threads = threads
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n_threads)
+            .build()
+            .map_err(|e| PyValueError::new_err(format!("cannot start {n_threads} threads: {e}")))?;
         let model = py.detach(|| Model::open(&path)).map_err(to_py)?;
         let state = model.new_state(n_ctx, kv);
         Ok(Engine {
@@ -169,9 +166,7 @@ impl Engine {
 
     #[getter]
     fn n_threads(&self) -> usize {
-        self.pool
-            .as_ref()
-            .map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
+        self.pool.current_num_threads()
     }
 
     /// Runs `tokens` after the cached ones; returns float32 logits [n_tokens, vocab] (all_logits)

@@ -36,12 +36,27 @@ fn scale(b: &[u8]) -> f32 {
 pub fn vec_dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if cpu::features().avx2 && cpu::features().fma {
-            // SAFETY: AVX2 and FMA are present (checked at run time just above).
+        let f = cpu::features();
+        if f.avx2 && f.fma && f.f16c {
+            // SAFETY: AVX2, FMA and F16C are present (checked at run time just above).
             return unsafe { avx2::vec_dot_q8_0(w, a) };
         }
     }
     vec_dot_q8_0_scalar(w, a)
+}
+
+/// One Q8_0 weight row against four activation rows: the weight blocks are loaded once.
+#[inline]
+pub fn vec_dot_q8_0_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = cpu::features();
+        if f.avx2 && f.fma && f.f16c {
+            // SAFETY: AVX2, FMA and F16C are present (checked at run time just above).
+            return unsafe { avx2::vec_dot_q8_0_x4(w, a) };
+        }
+    }
+    a.map(|ai| vec_dot_q8_0_scalar(w, ai))
 }
 
 pub fn vec_dot_q8_0_scalar(w: &[u8], a: &[u8]) -> f32 {
@@ -61,16 +76,16 @@ pub fn vec_dot_q8_0_scalar(w: &[u8], a: &[u8]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{scale, BLOCK};
+    use super::BLOCK;
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn vec_dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
         let n = w.len().min(a.len()) / BLOCK;
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
         for b in 0..n {
             let (wb, ab) = (w.as_ptr().add(b * BLOCK), a.as_ptr().add(b * BLOCK));
-            let d = scale(&w[b * BLOCK..]) * scale(&a[b * BLOCK..]);
+            let d = f16_scale(wb) * f16_scale(ab);
             let qw = _mm256_loadu_si256(wb.add(2) as *const __m256i);
             let qa = _mm256_loadu_si256(ab.add(2) as *const __m256i);
             // maddubs needs an unsigned operand: |w| times a with w's sign moved onto a.
@@ -86,6 +101,44 @@ mod avx2 {
         let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
         let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
         _mm_cvtss_f32(q)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn f16_scale(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]) as i32;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn vec_dot_q8_0_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+        let n = w.len() / BLOCK;
+        debug_assert!(a.iter().all(|ai| ai.len() >= n * BLOCK));
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..n {
+            let wb = w.as_ptr().add(b * BLOCK);
+            let dw = f16_scale(wb);
+            let qw = _mm256_loadu_si256(wb.add(2) as *const __m256i);
+            let abs_w = _mm256_sign_epi8(qw, qw);
+            for j in 0..4 {
+                let ab = a[j].as_ptr().add(b * BLOCK);
+                let qa = _mm256_loadu_si256(ab.add(2) as *const __m256i);
+                let pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(qa, qw));
+                let quads = _mm256_madd_epi16(pairs, ones);
+                let d = _mm256_set1_ps(dw * f16_scale(ab));
+                acc[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(quads), acc[j]);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
     }
 }
 
