@@ -5,6 +5,8 @@
 //! row kernel over rows in parallel with rayon. Rows are independent, so the bytes never depend on
 //! the thread count.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -12,8 +14,12 @@ use crate::types::GgmlType;
 
 pub mod cpu;
 pub mod float;
+pub mod iq3;
+pub mod iq4;
+pub mod iq_tables;
 pub mod legacy;
 pub mod testdata;
+pub mod util;
 
 /// A block type's kernels, all working on whole rows (a multiple of the block size).
 pub trait BlockQuant {
@@ -67,7 +73,15 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
         F32 => Some(&float::F32_KERNELS),
         F16 => Some(&float::F16_KERNELS),
         BF16 => Some(&float::BF16_KERNELS),
+        Q4_0 => Some(&legacy::Q4_0_KERNELS),
+        Q4_1 => Some(&legacy::Q4_1_KERNELS),
+        Q5_0 => Some(&legacy::Q5_0_KERNELS),
+        Q5_1 => Some(&legacy::Q5_1_KERNELS),
         Q8_0 => Some(&legacy::Q8_0_KERNELS),
+        IQ3_XXS => Some(&iq3::IQ3_XXS_KERNELS),
+        IQ3_S => Some(&iq3::IQ3_S_KERNELS),
+        IQ4_NL => Some(&iq4::IQ4_NL_KERNELS),
+        IQ4_XS => Some(&iq4::IQ4_XS_KERNELS),
         _ => None,
     }
 }
@@ -80,11 +94,7 @@ fn kernels_or_err(ty: GgmlType, what: &str) -> Result<&'static Kernels> {
 
 /// The types pyqmoe can quantize to and dequantize from.
 pub fn supported_types() -> Vec<GgmlType> {
-    crate::types::ALL_TYPES
-        .iter()
-        .copied()
-        .filter(|t| kernels(*t).is_some())
-        .collect()
+    crate::types::ALL_TYPES.iter().copied().filter(|t| kernels(*t).is_some()).collect()
 }
 
 /// Rows handed to one rayon task: enough work to amortise scheduling, small enough to balance.
@@ -155,10 +165,7 @@ fn check_imatrix(tensor: &str, imatrix: &[f32], n_per_row: usize, n_rows: usize)
     if let Some(i) = imatrix.iter().position(|v| !v.is_finite() || *v < 0.0) {
         return Err(Error::tensor(
             tensor,
-            format!(
-                "importance matrix entry {i} is {} (must be finite and >= 0)",
-                imatrix[i]
-            ),
+            format!("importance matrix entry {i} is {} (must be finite and >= 0)", imatrix[i]),
         ));
     }
     Ok(n_rows / k)
@@ -179,11 +186,7 @@ pub fn quantize_into(
     if dst.len() != n_rows * row_bytes {
         return Err(Error::tensor(
             tensor,
-            format!(
-                "output buffer has {} bytes, need {}",
-                dst.len(),
-                n_rows * row_bytes
-            ),
+            format!("output buffer has {} bytes, need {}", dst.len(), n_rows * row_bytes),
         ));
     }
     if k.requires_imatrix && imatrix.is_none() {
@@ -200,18 +203,20 @@ pub fn quantize_into(
         Some(w) => check_imatrix(tensor, w, n_per_row, n_rows)?,
         None => n_rows,
     };
-    check_finite(tensor, src, n_per_row)?;
     let step = rows_per_task(n_per_row, n_rows);
     let quantize_row = k.quantize_row;
+    let saw_non_finite = AtomicBool::new(false);
     dst.par_chunks_mut(row_bytes * step)
         .zip(src.par_chunks(n_per_row * step))
         .enumerate()
         .for_each(|(task, (out, inp))| {
-            for (j, (o, x)) in out
-                .chunks_mut(row_bytes)
-                .zip(inp.chunks(n_per_row))
-                .enumerate()
-            {
+            // Checked per task, while the rows are in cache, rather than in a pass of its own over
+            // the tensor (which cost as much as the fast kernels); kernels never see NaN/Inf.
+            if !all_finite(inp) {
+                saw_non_finite.store(true, Ordering::Relaxed);
+                return;
+            }
+            for (j, (o, x)) in out.chunks_mut(row_bytes).zip(inp.chunks(n_per_row)).enumerate() {
                 let row = task * step + j;
                 let w = imatrix.map(|w| {
                     let s = row / rows_per_slice;
@@ -220,7 +225,16 @@ pub fn quantize_into(
                 quantize_row(x, o, w);
             }
         });
+    if saw_non_finite.load(Ordering::Relaxed) {
+        // Error path only: find the first bad element for the message.
+        check_finite(tensor, src, n_per_row)?;
+    }
     Ok(())
+}
+
+/// True when no element is NaN or ±Inf (exponent bits all ones); branch-free so it vectorises.
+fn all_finite(xs: &[f32]) -> bool {
+    xs.chunks(256).all(|c| c.iter().fold(0u32, |acc, v| acc | ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32) == 0)
 }
 
 /// Quantize `src` (rows of `n_per_row`) to `ty`, returning the packed bytes.
@@ -278,11 +292,7 @@ pub fn dequantize(tensor: &str, src: &[u8], n_per_row: usize, ty: GgmlType) -> R
     if row_bytes == 0 || src.len() % row_bytes != 0 {
         return Err(Error::tensor(
             tensor,
-            format!(
-                "{} bytes are not whole rows of {} ({row_bytes} bytes each)",
-                src.len(),
-                ty.name()
-            ),
+            format!("{} bytes are not whole rows of {} ({row_bytes} bytes each)", src.len(), ty.name()),
         ));
     }
     let mut dst = vec![0f32; src.len() / row_bytes * n_per_row];
@@ -300,10 +310,7 @@ mod tests {
         x[40] = f32::NAN;
         let e = quantize("blk.0.attn_q.weight", &x, 32, GgmlType::Q8_0, None).unwrap_err();
         let msg = e.to_string();
-        assert!(
-            msg.contains("blk.0.attn_q.weight") && msg.contains("row 1, column 8"),
-            "{msg}"
-        );
+        assert!(msg.contains("blk.0.attn_q.weight") && msg.contains("row 1, column 8"), "{msg}");
         x[40] = f32::INFINITY;
         assert!(quantize("t", &x, 32, GgmlType::Q8_0, None).is_err());
     }
@@ -311,10 +318,7 @@ mod tests {
     #[test]
     fn refuses_partial_blocks_and_bad_imatrix() {
         let x = vec![1.0f32; 48];
-        assert!(quantize("t", &x, 48, GgmlType::Q8_0, None)
-            .unwrap_err()
-            .to_string()
-            .contains("block size"));
+        assert!(quantize("t", &x, 48, GgmlType::Q8_0, None).unwrap_err().to_string().contains("block size"));
         let x = vec![1.0f32; 64];
         assert!(quantize("t", &x, 32, GgmlType::Q8_0, Some(&[1.0; 31])).is_err());
         assert!(quantize("t", &x, 32, GgmlType::Q8_0, Some(&[-1.0; 32])).is_err());
@@ -324,14 +328,8 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_bytes() {
         let x = testdata::heavy_tailed(7, 64 * 512);
-        let one = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        let many = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let many = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for ty in supported_types() {
             let a = one.install(|| quantize("t", &x, 512, ty, None).unwrap());
             let b = many.install(|| quantize("t", &x, 512, ty, None).unwrap());
