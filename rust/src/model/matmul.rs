@@ -50,7 +50,8 @@ enum RowKernel {
     /// Rows kept in their block format; activations quantized once per call to `act_ty` and
     /// multiplied with an integer dot kernel (ggml's `vec_dot_type` scheme).
     Quantized {
-        act_ty: GgmlType,
+        /// Bytes of 32 quantized activations.
+        act_block_bytes: usize,
         quantize_act: fn(&[f32], &mut [u8]),
         vec_dot: fn(&[u8], &[u8]) -> f32,
         /// One weight row against four activation rows (weight blocks loaded once).
@@ -76,11 +77,21 @@ fn row_kernel(ty: GgmlType) -> RowKernel {
     match ty {
         GgmlType::F32 if cfg!(target_endian = "little") => RowKernel::F32InPlace,
         GgmlType::Q8_0 => RowKernel::Quantized {
-            act_ty: GgmlType::Q8_0,
+            act_block_bytes: 34,
             quantize_act: vec_dot::quantize_act_q8_0,
             vec_dot: vec_dot::vec_dot_q8_0,
             vec_dot_x4: vec_dot::vec_dot_q8_0_x4,
         },
+        _ if vec_dot::legacy_kernels(ty).is_some() => {
+            let (act_block_bytes, quantize_act, vec_dot, vec_dot_x4) =
+                vec_dot::legacy_kernels(ty).expect("just checked");
+            RowKernel::Quantized {
+                act_block_bytes,
+                quantize_act,
+                vec_dot,
+                vec_dot_x4,
+            }
+        }
         _ => RowKernel::ToF32(
             quant::kernels(ty)
                 .expect("weight types are checked at load time")
@@ -128,14 +139,12 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
     }
     match kernel {
         RowKernel::Quantized {
-            act_ty,
+            act_block_bytes,
             quantize_act,
             vec_dot,
             vec_dot_x4,
         } => {
-            let act_row = act_ty
-                .row_size(n_cols)
-                .expect("quantized weight rows are whole blocks");
+            let act_row = n_cols / 32 * act_block_bytes;
             let mut xq = vec![0u8; n_tok * act_row];
             xq.par_chunks_mut(act_row)
                 .zip(x.par_chunks(n_cols))
@@ -424,7 +433,14 @@ mod tests {
         let (n_rows, n_cols) = (37, 96);
         let w = testdata::heavy_tailed(3, n_rows * n_cols);
         let x = testdata::heavy_tailed(4, 9 * n_cols);
-        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q5_1,
+        ] {
             let raw = quant::quantize("w", &w, n_cols, ty, None).unwrap();
             let wq = quant::dequantize("w", &raw, n_cols, ty).unwrap();
             let m = Mat {
@@ -440,7 +456,7 @@ mod tests {
                 let want = naive(&wq, &x, n_rows, n_cols, n_tok);
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
                 // Q8_0 rows meet Q8_0-quantized activations (~0.4% noise), the others exact f32.
-                let tol = if ty == GgmlType::Q8_0 { 2e-2 } else { 1e-5 };
+                let tol = if ty.is_float() { 1e-5 } else { 2e-2 };
                 for (a, b) in y.iter().zip(&want) {
                     assert!((a - b).abs() <= tol * scale, "{ty}: {a} vs {b}");
                 }

@@ -190,3 +190,253 @@ mod tests {
         assert_eq!(&q[2..7], &[127, 0, 2, 2, 0]);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The other 32-element types against Q8_0 / Q8_1 activations, as ggml pairs them
+// (Q4_0, Q5_0, IQ4_NL with Q8_0; Q4_1, Q5_1 with Q8_1 whose `s` carries d·Σq for the offset).
+// Each weight block is decoded to integers once, then meets the activations' int8 values exactly;
+// only the per-block float scaling differs from ggml's lane order (~1e-7 relative).
+
+const Q8_1_BLOCK: usize = 36;
+
+/// Activations to Q8_1 as ggml's x86 `quantize_row_q8_1`: Q8_0's rounding, plus s = d·Σq (f16).
+pub fn quantize_act_q8_1(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q8_1_BLOCK)) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in ob[4..].iter_mut().zip(xb) {
+            let qi = (v * id).round_ties_even() as i8;
+            sum += qi as i32;
+            *q = qi as u8;
+        }
+        ob[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        ob[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_bits().to_le_bytes());
+    }
+}
+
+/// A weight block as integers: value_i = d·q_i + m.
+struct Decoded {
+    d: f32,
+    m: f32,
+    q: [i8; QK],
+}
+
+/// How one weight type's block decodes, and which activation format it meets.
+trait IntBlock {
+    const BYTES: usize;
+    /// true: Q8_1 activations (the block has an offset m), false: Q8_0.
+    const WITH_OFFSET: bool;
+    fn decode(b: &[u8]) -> Decoded;
+}
+
+/// Nibble j of a 16-byte packed array: low nibbles hold elements 0..16, high ones 16..32.
+#[inline]
+fn nibble(qs: &[u8], j: usize) -> u8 {
+    if j < 16 {
+        qs[j] & 0x0f
+    } else {
+        qs[j - 16] >> 4
+    }
+}
+
+struct Q4_0;
+struct Q4_1;
+struct Q5_0;
+struct Q5_1;
+struct Iq4Nl;
+
+impl IntBlock for Q4_0 {
+    const BYTES: usize = 18;
+    const WITH_OFFSET: bool = false;
+    fn decode(b: &[u8]) -> Decoded {
+        Decoded {
+            d: scale(b),
+            m: 0.0,
+            q: std::array::from_fn(|j| nibble(&b[2..], j) as i8 - 8),
+        }
+    }
+}
+
+impl IntBlock for Q4_1 {
+    const BYTES: usize = 20;
+    const WITH_OFFSET: bool = true;
+    fn decode(b: &[u8]) -> Decoded {
+        Decoded {
+            d: scale(b),
+            m: scale(&b[2..]),
+            q: std::array::from_fn(|j| nibble(&b[4..], j) as i8),
+        }
+    }
+}
+
+/// Q5 blocks: 4 low bits in nibbles, the fifth bit j in bit j of the little-endian u32 `qh`.
+#[inline]
+fn five_bit(qh: u32, qs: &[u8], j: usize) -> u8 {
+    nibble(qs, j) | ((((qh >> j) & 1) as u8) << 4)
+}
+
+impl IntBlock for Q5_0 {
+    const BYTES: usize = 22;
+    const WITH_OFFSET: bool = false;
+    fn decode(b: &[u8]) -> Decoded {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        Decoded {
+            d: scale(b),
+            m: 0.0,
+            q: std::array::from_fn(|j| five_bit(qh, &b[6..], j) as i8 - 16),
+        }
+    }
+}
+
+impl IntBlock for Q5_1 {
+    const BYTES: usize = 24;
+    const WITH_OFFSET: bool = true;
+    fn decode(b: &[u8]) -> Decoded {
+        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        Decoded {
+            d: scale(b),
+            m: scale(&b[2..]),
+            q: std::array::from_fn(|j| five_bit(qh, &b[8..], j) as i8),
+        }
+    }
+}
+
+impl IntBlock for Iq4Nl {
+    const BYTES: usize = 18;
+    const WITH_OFFSET: bool = false;
+    fn decode(b: &[u8]) -> Decoded {
+        use crate::quant::iq_tables::KVALUES_IQ4NL;
+        Decoded {
+            d: scale(b),
+            m: 0.0,
+            q: std::array::from_fn(|j| KVALUES_IQ4NL[nibble(&b[2..], j) as usize]),
+        }
+    }
+}
+
+#[inline]
+fn int_dot(w: &[i8; QK], a: &[u8]) -> i32 {
+    w.iter()
+        .zip(&a[..QK])
+        .map(|(&p, &q)| p as i32 * q as i8 as i32)
+        .sum()
+}
+
+/// One block's contribution: d_w·d_a·Σq_w·q_a (+ m_w·s_a for offset types).
+#[inline]
+fn block_term<B: IntBlock>(dec: &Decoded, a: &[u8]) -> f32 {
+    if B::WITH_OFFSET {
+        let sumi = int_dot(&dec.q, &a[4..]);
+        dec.d * scale(a) * sumi as f32 + dec.m * scale(&a[2..])
+    } else {
+        let sumi = int_dot(&dec.q, &a[2..]);
+        dec.d * scale(a) * sumi as f32
+    }
+}
+
+fn act_bytes<B: IntBlock>() -> usize {
+    if B::WITH_OFFSET {
+        Q8_1_BLOCK
+    } else {
+        BLOCK
+    }
+}
+
+fn vec_dot_int<B: IntBlock>(w: &[u8], a: &[u8]) -> f32 {
+    let ab = act_bytes::<B>();
+    let mut sum = 0f32;
+    for (wb, abk) in w.chunks_exact(B::BYTES).zip(a.chunks_exact(ab)) {
+        sum += block_term::<B>(&B::decode(wb), abk);
+    }
+    sum
+}
+
+/// Four activation rows: each weight block is decoded once. Same additions as `vec_dot_int`.
+fn vec_dot_int_x4<B: IntBlock>(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let ab = act_bytes::<B>();
+    let mut sum = [0f32; 4];
+    for (i, wb) in w.chunks_exact(B::BYTES).enumerate() {
+        let dec = B::decode(wb);
+        for j in 0..4 {
+            sum[j] += block_term::<B>(&dec, &a[j][i * ab..(i + 1) * ab]);
+        }
+    }
+    sum
+}
+
+/// (activation bytes per 32 values, quantizer, dot, 4-row dot) for the legacy/IQ4_NL types.
+pub type IntKernels = (
+    usize,
+    fn(&[f32], &mut [u8]),
+    fn(&[u8], &[u8]) -> f32,
+    fn(&[u8], [&[u8]; 4]) -> [f32; 4],
+);
+
+fn int_kernels<B: IntBlock>() -> IntKernels {
+    let q: fn(&[f32], &mut [u8]) = if B::WITH_OFFSET {
+        quantize_act_q8_1
+    } else {
+        quantize_act_q8_0
+    };
+    (act_bytes::<B>(), q, vec_dot_int::<B>, vec_dot_int_x4::<B>)
+}
+
+pub fn legacy_kernels(ty: crate::types::GgmlType) -> Option<IntKernels> {
+    use crate::types::GgmlType as T;
+    match ty {
+        T::Q4_0 => Some(int_kernels::<Q4_0>()),
+        T::Q4_1 => Some(int_kernels::<Q4_1>()),
+        T::Q5_0 => Some(int_kernels::<Q5_0>()),
+        T::Q5_1 => Some(int_kernels::<Q5_1>()),
+        T::IQ4_NL => Some(int_kernels::<Iq4Nl>()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod legacy_tests {
+    use super::*;
+    use crate::quant::{self, testdata};
+    use crate::types::GgmlType;
+
+    #[test]
+    fn decoded_blocks_match_the_dequantizers_and_dots_are_exact_in_integers() {
+        let n = 32 * 6;
+        let w = testdata::heavy_tailed(21, n);
+        let x = testdata::heavy_tailed(22, n);
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::IQ4_NL,
+        ] {
+            let (ab, quantize_act, dot, dot_x4) = legacy_kernels(ty).unwrap();
+            let wq = quant::quantize("w", &w, n, ty, None).unwrap();
+            let mut xq = vec![0u8; n / 32 * ab];
+            quantize_act(&x, &mut xq);
+            // reference: the dequantized weights times the activations' own values
+            let wd = quant::dequantize("w", &wq, n, ty).unwrap();
+            let (mut exact, mut mag) = (0f64, 0f64);
+            for (k, blk) in xq.chunks_exact(ab).enumerate() {
+                let d = scale(blk) as f64;
+                let qs = &blk[ab - 32..];
+                for j in 0..32 {
+                    let p = wd[k * 32 + j] as f64 * d * (qs[j] as i8) as f64;
+                    exact += p;
+                    mag += p.abs();
+                }
+            }
+            let got = dot(&wq, &xq);
+            // Offset types use the f16-rounded s = d·Σq, as ggml does: allow that rounding.
+            assert!(
+                (got as f64 - exact).abs() <= 2e-3 * mag,
+                "{ty}: {got} vs {exact}"
+            );
+            let four = dot_x4(&wq, [&xq; 4]);
+            assert!(four.iter().all(|v| v.to_bits() == got.to_bits()), "{ty}");
+        }
+    }
+}
