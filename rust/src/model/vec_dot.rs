@@ -111,9 +111,26 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
     }
 
+    /// Exact Σ a_i·b_i of 32 int8 pairs (|a_i| <= 127 so maddubs cannot saturate).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn int_dot32(a: *const u8, b: *const u8) -> i32 {
+        let qa = _mm256_loadu_si256(a as *const __m256i);
+        let qb = _mm256_loadu_si256(b as *const __m256i);
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(qa, qa), _mm256_sign_epi8(qb, qa));
+        let quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+        let q = _mm_add_epi32(
+            _mm256_castsi256_si128(quads),
+            _mm256_extracti128_si256(quads, 1),
+        );
+        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b01_00_11_10));
+        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b10_11_00_01));
+        _mm_cvtsi128_si32(q)
+    }
+
     #[inline]
     #[target_feature(enable = "f16c")]
-    unsafe fn f16_scale(p: *const u8) -> f32 {
+    pub unsafe fn f16_scale(p: *const u8) -> f32 {
         let bits = u16::from_le_bytes([*p, *p.add(1)]) as i32;
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
     }
@@ -140,6 +157,141 @@ mod avx2 {
         }
         [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
     }
+
+    use crate::quant::iq_tables::KVALUES_IQ4NL;
+
+    /// 32 nibbles of a 16-byte array: low nibbles in the low 128 bits (elements 0..16), high ones
+    /// in the high 128 bits (16..32).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles(qs: *const u8) -> __m256i {
+        let v = _mm_loadu_si128(qs as *const __m128i);
+        let lo = _mm_and_si128(v, _mm_set1_epi8(0x0f));
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0f));
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// 0x10 in byte j where bit j of the little-endian u32 at `qh` is set (the Q5 fifth bits).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn fifth_bits(qh: *const u8) -> __m256i {
+        let bits = u32::from_le_bytes([*qh, *qh.add(1), *qh.add(2), *qh.add(3)]);
+        let v = _mm256_set1_epi32(bits as i32);
+        let spread = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        );
+        let bytes = _mm256_shuffle_epi8(v, spread);
+        let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, mask), mask);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dec_q4_0(b: *const u8) -> __m256i {
+        _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dec_q4_1(b: *const u8) -> __m256i {
+        nibbles(b.add(4))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dec_q5_0(b: *const u8) -> __m256i {
+        let q = _mm256_or_si256(nibbles(b.add(6)), fifth_bits(b.add(2)));
+        _mm256_sub_epi8(q, _mm256_set1_epi8(16))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dec_q5_1(b: *const u8) -> __m256i {
+        _mm256_or_si256(nibbles(b.add(8)), fifth_bits(b.add(4)))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dec_iq4_nl(b: *const u8) -> __m256i {
+        let table = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+        _mm256_shuffle_epi8(_mm256_set_m128i(table, table), nibbles(b.add(2)))
+    }
+
+    /// Exact Σ w_i·a_i of a decoded block against 32 int8 activations.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_sumi(w: __m256i, a: *const u8) -> i32 {
+        let qa = _mm256_loadu_si256(a as *const __m256i);
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(qa, w));
+        let quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+        let q = _mm_add_epi32(
+            _mm256_castsi256_si128(quads),
+            _mm256_extracti128_si256(quads, 1),
+        );
+        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b01_00_11_10));
+        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b10_11_00_01));
+        _mm_cvtsi128_si32(q)
+    }
+
+    // (weight block bytes, activation block bytes, offset type?, decoder) → one-row and 4-row
+    // kernels whose float steps match `block_term` exactly.
+    macro_rules! int_kernels {
+        ($dot:ident, $dot_x4:ident, $wb:expr, $ab:expr, $offset:expr, $dec:ident) => {
+            #[target_feature(enable = "avx2,f16c")]
+            pub unsafe fn $dot(w: &[u8], a: &[u8]) -> f32 {
+                let n = w.len() / $wb;
+                debug_assert!(a.len() >= n * $ab);
+                let mut sum = 0f32;
+                for b in 0..n {
+                    let (wb, ab) = (w.as_ptr().add(b * $wb), a.as_ptr().add(b * $ab));
+                    let q = $dec(wb);
+                    if $offset {
+                        let sumi = block_sumi(q, ab.add(4));
+                        sum += f16_scale(wb) * f16_scale(ab) * sumi as f32
+                            + f16_scale(wb.add(2)) * f16_scale(ab.add(2));
+                    } else {
+                        let sumi = block_sumi(q, ab.add(2));
+                        sum += f16_scale(wb) * f16_scale(ab) * sumi as f32;
+                    }
+                }
+                sum
+            }
+
+            #[target_feature(enable = "avx2,f16c")]
+            pub unsafe fn $dot_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+                let n = w.len() / $wb;
+                debug_assert!(a.iter().all(|ai| ai.len() >= n * $ab));
+                let mut sum = [0f32; 4];
+                for b in 0..n {
+                    let wb = w.as_ptr().add(b * $wb);
+                    let (q, d) = ($dec(wb), f16_scale(wb));
+                    for j in 0..4 {
+                        let ab = a[j].as_ptr().add(b * $ab);
+                        if $offset {
+                            let sumi = block_sumi(q, ab.add(4));
+                            sum[j] += d * f16_scale(ab) * sumi as f32
+                                + f16_scale(wb.add(2)) * f16_scale(ab.add(2));
+                        } else {
+                            let sumi = block_sumi(q, ab.add(2));
+                            sum[j] += d * f16_scale(ab) * sumi as f32;
+                        }
+                    }
+                }
+                sum
+            }
+        };
+    }
+
+    int_kernels!(dot_q4_0, dot_q4_0_x4, 18, super::BLOCK, false, dec_q4_0);
+    int_kernels!(dot_q4_1, dot_q4_1_x4, 20, super::Q8_1_BLOCK, true, dec_q4_1);
+    int_kernels!(dot_q5_0, dot_q5_0_x4, 22, super::BLOCK, false, dec_q5_0);
+    int_kernels!(dot_q5_1, dot_q5_1_x4, 24, super::Q8_1_BLOCK, true, dec_q5_1);
+    int_kernels!(
+        dot_iq4_nl,
+        dot_iq4_nl_x4,
+        18,
+        super::BLOCK,
+        false,
+        dec_iq4_nl
+    );
 }
 
 #[cfg(test)]
@@ -241,6 +393,17 @@ fn nibble(qs: &[u8], j: usize) -> u8 {
     }
 }
 
+/// All 32 nibbles at once, mapped through `f` (no per-element branch).
+#[inline]
+fn nibbles(qs: &[u8], f: impl Fn(u8) -> i8) -> [i8; QK] {
+    let mut q = [0i8; QK];
+    for j in 0..16 {
+        q[j] = f(qs[j] & 0x0f);
+        q[j + 16] = f(qs[j] >> 4);
+    }
+    q
+}
+
 struct Q4_0;
 struct Q4_1;
 struct Q5_0;
@@ -252,9 +415,9 @@ impl IntBlock for Q4_0 {
     const WITH_OFFSET: bool = false;
     fn decode(b: &[u8]) -> Decoded {
         Decoded {
-            d: scale(b),
+            d: scale_fast(b),
             m: 0.0,
-            q: std::array::from_fn(|j| nibble(&b[2..], j) as i8 - 8),
+            q: nibbles(&b[2..18], |v| v as i8 - 8),
         }
     }
 }
@@ -264,9 +427,9 @@ impl IntBlock for Q4_1 {
     const WITH_OFFSET: bool = true;
     fn decode(b: &[u8]) -> Decoded {
         Decoded {
-            d: scale(b),
-            m: scale(&b[2..]),
-            q: std::array::from_fn(|j| nibble(&b[4..], j) as i8),
+            d: scale_fast(b),
+            m: scale_fast(&b[2..]),
+            q: nibbles(&b[4..20], |v| v as i8),
         }
     }
 }
@@ -283,7 +446,7 @@ impl IntBlock for Q5_0 {
     fn decode(b: &[u8]) -> Decoded {
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
         Decoded {
-            d: scale(b),
+            d: scale_fast(b),
             m: 0.0,
             q: std::array::from_fn(|j| five_bit(qh, &b[6..], j) as i8 - 16),
         }
@@ -296,8 +459,8 @@ impl IntBlock for Q5_1 {
     fn decode(b: &[u8]) -> Decoded {
         let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
         Decoded {
-            d: scale(b),
-            m: scale(&b[2..]),
+            d: scale_fast(b),
+            m: scale_fast(&b[2..]),
             q: std::array::from_fn(|j| five_bit(qh, &b[8..], j) as i8),
         }
     }
@@ -309,19 +472,40 @@ impl IntBlock for Iq4Nl {
     fn decode(b: &[u8]) -> Decoded {
         use crate::quant::iq_tables::KVALUES_IQ4NL;
         Decoded {
-            d: scale(b),
+            d: scale_fast(b),
             m: 0.0,
-            q: std::array::from_fn(|j| KVALUES_IQ4NL[nibble(&b[2..], j) as usize]),
+            q: nibbles(&b[2..18], |v| KVALUES_IQ4NL[v as usize]),
         }
     }
 }
 
+/// Σ w_i·a_i over 32 int8 pairs (exact in any order).
 #[inline]
 fn int_dot(w: &[i8; QK], a: &[u8]) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cpu::has_avx2() {
+            // SAFETY: AVX2 is present (checked just above); both hold 32 bytes.
+            return unsafe { avx2::int_dot32(w.as_ptr() as *const u8, a[..QK].as_ptr()) };
+        }
+    }
     w.iter()
         .zip(&a[..QK])
         .map(|(&p, &q)| p as i32 * q as i8 as i32)
         .sum()
+}
+
+/// An f16 scale stored at the start of `b`.
+#[inline]
+fn scale_fast(b: &[u8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cpu::features().f16c {
+            // SAFETY: F16C is present (checked just above); b holds at least 2 bytes.
+            return unsafe { avx2::f16_scale(b[..2].as_ptr()) };
+        }
+    }
+    scale(b)
 }
 
 /// One block's contribution: d_w·d_a·Σq_w·q_a (+ m_w·s_a for offset types).
@@ -329,10 +513,10 @@ fn int_dot(w: &[i8; QK], a: &[u8]) -> i32 {
 fn block_term<B: IntBlock>(dec: &Decoded, a: &[u8]) -> f32 {
     if B::WITH_OFFSET {
         let sumi = int_dot(&dec.q, &a[4..]);
-        dec.d * scale(a) * sumi as f32 + dec.m * scale(&a[2..])
+        dec.d * scale_fast(a) * sumi as f32 + dec.m * scale_fast(&a[2..])
     } else {
         let sumi = int_dot(&dec.q, &a[2..]);
-        dec.d * scale(a) * sumi as f32
+        dec.d * scale_fast(a) * sumi as f32
     }
 }
 
@@ -383,7 +567,70 @@ fn int_kernels<B: IntBlock>() -> IntKernels {
     (act_bytes::<B>(), q, vec_dot_int::<B>, vec_dot_int_x4::<B>)
 }
 
+/// The same sums with the weight blocks decoded in AVX2 registers (identical results: the integer
+/// sums are exact and the float steps are the same, in the same order).
+#[cfg(target_arch = "x86_64")]
+fn int_kernels_avx2(ty: crate::types::GgmlType) -> Option<IntKernels> {
+    use crate::types::GgmlType as T;
+    let f = cpu::features();
+    if !(f.avx2 && f.f16c) {
+        return None;
+    }
+    // SAFETY (every closure): AVX2 and F16C are present, checked just above.
+    Some(match ty {
+        T::Q4_0 => (
+            BLOCK,
+            quantize_act_q8_0,
+            |w, a| unsafe { avx2::dot_q4_0(w, a) },
+            |w, a| unsafe { avx2::dot_q4_0_x4(w, a) },
+        ),
+        T::Q4_1 => (
+            Q8_1_BLOCK,
+            quantize_act_q8_1,
+            |w, a| unsafe { avx2::dot_q4_1(w, a) },
+            |w, a| unsafe { avx2::dot_q4_1_x4(w, a) },
+        ),
+        T::Q5_0 => (
+            BLOCK,
+            quantize_act_q8_0,
+            |w, a| unsafe { avx2::dot_q5_0(w, a) },
+            |w, a| unsafe { avx2::dot_q5_0_x4(w, a) },
+        ),
+        T::Q5_1 => (
+            Q8_1_BLOCK,
+            quantize_act_q8_1,
+            |w, a| unsafe { avx2::dot_q5_1(w, a) },
+            |w, a| unsafe { avx2::dot_q5_1_x4(w, a) },
+        ),
+        T::IQ4_NL => (
+            BLOCK,
+            quantize_act_q8_0,
+            |w, a| unsafe { avx2::dot_iq4_nl(w, a) },
+            |w, a| unsafe { avx2::dot_iq4_nl_x4(w, a) },
+        ),
+        _ => return None,
+    })
+}
+
 pub fn legacy_kernels(ty: crate::types::GgmlType) -> Option<IntKernels> {
+    use crate::types::GgmlType as T;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = int_kernels_avx2(ty) {
+        return Some(k);
+    }
+    match ty {
+        T::Q4_0 => Some(int_kernels::<Q4_0>()),
+        T::Q4_1 => Some(int_kernels::<Q4_1>()),
+        T::Q5_0 => Some(int_kernels::<Q5_0>()),
+        T::Q5_1 => Some(int_kernels::<Q5_1>()),
+        T::IQ4_NL => Some(int_kernels::<Iq4Nl>()),
+        _ => None,
+    }
+}
+
+/// The portable kernels, for comparing the AVX2 ones against.
+#[cfg(test)]
+fn legacy_kernels_portable(ty: crate::types::GgmlType) -> Option<IntKernels> {
     use crate::types::GgmlType as T;
     match ty {
         T::Q4_0 => Some(int_kernels::<Q4_0>()),
@@ -437,6 +684,9 @@ mod legacy_tests {
             );
             let four = dot_x4(&wq, [&xq; 4]);
             assert!(four.iter().all(|v| v.to_bits() == got.to_bits()), "{ty}");
+            // the AVX2 kernels give the portable kernels' bits
+            let (_, _, portable, _) = legacy_kernels_portable(ty).unwrap();
+            assert_eq!(portable(&wq, &xq).to_bits(), got.to_bits(), "{ty}");
         }
     }
 }
