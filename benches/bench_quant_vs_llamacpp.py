@@ -10,8 +10,8 @@ reference model when a GGUF is found in pyqmoe/models (or given with --model).
 Per type and imatrix mode it prints: importance-weighted RMSE of each side and their ratio
 (pyqmoe / llama.cpp, < 1 is better), whether the bytes are identical, and throughput on one thread
 and on all cores (ratio pyqmoe / llama.cpp, > 1 is faster). pyqmoe's one-thread numbers come from a
-subprocess with RAYON_NUM_THREADS=1; llama.cpp is driven through ctypes (benches/llamacpp_ref.py),
-split over Python threads for the all-core run.
+subprocess with RAYON_NUM_THREADS=1; llama.cpp is driven through ctypes (benches/llamacpp_ref.py) in
+the same subprocess, split over Python threads for the all-core run; the two alternate run by run.
 """
 
 from __future__ import annotations
@@ -34,16 +34,6 @@ sys.path.insert(0, str(HERE))
 import llamacpp_ref  # noqa: E402  (found through the sys.path entry above)
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: page faults, lazy tables
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def synthetic_expert(n_rows: int, n_per_row: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -82,43 +72,56 @@ def modes(t: str) -> list[bool]:
     return [False, True]
 
 
-def pyqmoe_times(x_path: Path, w_path: Path, types: list[str], repeats: int, threads: str | None) -> dict:
-    """Best quantize time of each (type, mode) in a fresh interpreter with RAYON_NUM_THREADS set."""
+def paired_times(x_path: Path, w_path: Path, types: list[str], repeats: int, threads: int | None) -> dict:
+    """Best quantize times {"TYPE:imatrix": [pyqmoe, llama.cpp]} measured in a fresh interpreter,
+    pyqmoe limited by RAYON_NUM_THREADS and llama.cpp split over as many Python threads; the two
+    alternate round by round, so a change of machine load hits both alike."""
     env = dict(os.environ)
     if threads is None:
         env.pop("RAYON_NUM_THREADS", None)
     else:
-        env["RAYON_NUM_THREADS"] = threads
-    args = [sys.executable, __file__, "--worker", str(x_path), str(w_path), str(repeats), *types]
+        env["RAYON_NUM_THREADS"] = str(threads)
+    n = threads or os.cpu_count() or 1
+    args = [sys.executable, __file__, "--worker", str(x_path), str(w_path), str(repeats), str(n), *types]
     out = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
-def worker(x_path: str, w_path: str, repeats: str, types: list[str]) -> None:
+def worker(x_path: str, w_path: str, repeats: str, nthreads: str, types: list[str]) -> None:
     import pyqmoe
 
     x, w = np.load(x_path), np.load(w_path)
+    # Let thread pools, page mappings and clock speed settle before anything is timed.
+    for _ in range(5):
+        pyqmoe.quantize(x, types[0])
+        llamacpp_ref.quantize(types[0], x, nthreads=int(nthreads))
     res = {}
     for t in types:
         for use_w in modes(t):
             imat = w if use_w else None
-            res[f"{t}:{int(use_w)}"] = best_time(
-                lambda t=t, imat=imat: pyqmoe.quantize(x, t, imat), int(repeats)
-            )
+            ours = lambda t=t, imat=imat: pyqmoe.quantize(x, t, imat)  # noqa: E731
+            ref = lambda t=t, imat=imat: llamacpp_ref.quantize(t, x, imatrix=imat, nthreads=int(nthreads))  # noqa: E731
+            ours(), ref()  # warm-up
+            best = [float("inf"), float("inf")]
+            for _ in range(int(repeats)):
+                for k, fn in enumerate((ours, ref)):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[k] = min(best[k], time.perf_counter() - t0)
+            res[f"{t}:{int(use_w)}"] = best
     print(json.dumps(res))
 
 
 def bench(label: str, x: np.ndarray, w: np.ndarray, types: list[str], repeats: int) -> list[dict]:
     import pyqmoe
 
-    n_cores = os.cpu_count() or 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         x_path, w_path = Path(tmp) / "x.npy", Path(tmp) / "w.npy"
         np.save(x_path, x)
         np.save(w_path, w)
-        one = pyqmoe_times(x_path, w_path, types, repeats, "1")
-        many = pyqmoe_times(x_path, w_path, types, repeats, None)
+        one = paired_times(x_path, w_path, types, repeats, 1)
+        many = paired_times(x_path, w_path, types, repeats, None)
     for t in types:
         for use_w in modes(t):
             imat = w if use_w else None
@@ -126,24 +129,19 @@ def bench(label: str, x: np.ndarray, w: np.ndarray, types: list[str], repeats: i
             q_ref = llamacpp_ref.quantize(t, x, imatrix=imat)
             y_ours = pyqmoe.dequantize(q_ours, t, x.shape)
             y_ref = llamacpp_ref.dequantize(t, q_ref, x.shape[1])
-            r_ours, r_ref = weighted_rmse(x, y_ours, w), weighted_rmse(x, y_ref, w)
-            l1 = best_time(lambda t=t, imat=imat: llamacpp_ref.quantize(t, x, imatrix=imat), repeats)
-            ln = best_time(
-                lambda t=t, imat=imat: llamacpp_ref.quantize(t, x, imatrix=imat, nthreads=n_cores), repeats
-            )
             key = f"{t}:{int(use_w)}"
             rows.append(
                 {
                     "input": label,
                     "type": t,
                     "imatrix": use_w,
-                    "rmse_pyqmoe": r_ours,
-                    "rmse_llamacpp": r_ref,
+                    "rmse_pyqmoe": weighted_rmse(x, y_ours, w),
+                    "rmse_llamacpp": weighted_rmse(x, y_ref, w),
                     "bytes_equal": bool(np.array_equal(q_ours, q_ref)),
-                    "melems_1t_pyqmoe": x.size / one[key] / 1e6,
-                    "melems_1t_llamacpp": x.size / l1 / 1e6,
-                    "melems_nt_pyqmoe": x.size / many[key] / 1e6,
-                    "melems_nt_llamacpp": x.size / ln / 1e6,
+                    "melems_1t_pyqmoe": x.size / one[key][0] / 1e6,
+                    "melems_1t_llamacpp": x.size / one[key][1] / 1e6,
+                    "melems_nt_pyqmoe": x.size / many[key][0] / 1e6,
+                    "melems_nt_llamacpp": x.size / many[key][1] / 1e6,
                 }
             )
     return rows
@@ -174,7 +172,7 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
+        worker(*sys.argv[2:6], sys.argv[6:])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", nargs="+", default=LEGACY)

@@ -31,6 +31,19 @@ __all__ = [
 ]
 
 
+# Types ggml_quantize_chunk does not handle (it aborts) but whose reference row functions
+# libggml-base exports: Q8_K, the k-quant dot products' activation format, takes no imatrix.
+_ROW_REF_ONLY = {"Q8_K"}
+
+
+def _row_symbol(prefix: str, type_name: str) -> str:
+    """ggml's exported row-function name, e.g. ("quantize_row_", "Q8_K") -> "quantize_row_q8_K"."""
+    name = type_name.lower()
+    if name.endswith("_k"):
+        name = name[:-1] + "K"
+    return prefix + name
+
+
 class ImatrixRequired(ValueError):
     """llama.cpp would abort the process: this type cannot be made without an importance matrix."""
 
@@ -174,6 +187,13 @@ def quantize(
         raise ImatrixRequired(f"llama.cpp requires an importance matrix for {type_name}")
     rsize = int(lib.ggml_row_size(tid, n_per_row))
     out = np.zeros((n_rows, rsize), dtype=np.uint8)
+    if type_name.upper() in _ROW_REF_ONLY:
+        # The imatrix, if any, is ignored: ggml's reference row quantizer takes none.
+        fn = getattr(lib, _row_symbol("quantize_row_", type_name) + "_ref")
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
+        fn(rows.ctypes.data, out.ctypes.data, n_rows * n_per_row)
+        return out
     lib.ggml_quantize_init(tid)  # builds the i-quant grids once, before any threads start
 
     src_p = rows.ctypes.data
@@ -206,9 +226,12 @@ def dequantize(type_name: str, raw: np.ndarray, n_per_row: int) -> np.ndarray:
         raise ValueError(f"{raw.size} bytes are not whole {type_name} rows of {rsize} bytes")
     n_rows = raw.size // rsize
     t = _traits(type_name)
-    if not t.to_float:
+    if t.to_float:
+        to_float = _TO_FLOAT(t.to_float)
+    elif type_name.upper() in _ROW_REF_ONLY:
+        to_float = _TO_FLOAT((_row_symbol("dequantize_row_", type_name), _lib()))
+    else:
         raise NotImplementedError(f"llama.cpp has no to_float for {type_name}")
-    to_float = _TO_FLOAT(t.to_float)
     out = np.empty((n_rows, n_per_row), dtype=np.float32)
     to_float(raw.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n_rows * n_per_row)
     return out

@@ -32,7 +32,9 @@ fn bench_types(c: &mut Criterion) {
             group.bench_function("quantize", |b| b.iter(|| quantize_all(None, &mut q)));
         }
         if !ty.is_float() {
-            group.bench_function("quantize_imatrix", |b| b.iter(|| quantize_all(Some(&imatrix), &mut q)));
+            group.bench_function("quantize_imatrix", |b| {
+                b.iter(|| quantize_all(Some(&imatrix), &mut q))
+            });
         }
         quantize_all(k.requires_imatrix.then_some(&imatrix[..]), &mut q);
         group.bench_function("dequantize", |b| {

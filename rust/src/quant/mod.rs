@@ -17,6 +17,7 @@ pub mod float;
 pub mod iq3;
 pub mod iq4;
 pub mod iq_tables;
+pub mod kquants;
 pub mod legacy;
 pub mod testdata;
 pub mod util;
@@ -78,6 +79,12 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
         Q5_0 => Some(&legacy::Q5_0_KERNELS),
         Q5_1 => Some(&legacy::Q5_1_KERNELS),
         Q8_0 => Some(&legacy::Q8_0_KERNELS),
+        Q2_K => Some(&kquants::Q2_K_KERNELS),
+        Q3_K => Some(&kquants::Q3_K_KERNELS),
+        Q4_K => Some(&kquants::Q4_K_KERNELS),
+        Q5_K => Some(&kquants::Q5_K_KERNELS),
+        Q6_K => Some(&kquants::Q6_K_KERNELS),
+        Q8_K => Some(&kquants::Q8_K_KERNELS),
         IQ3_XXS => Some(&iq3::IQ3_XXS_KERNELS),
         IQ3_S => Some(&iq3::IQ3_S_KERNELS),
         IQ4_NL => Some(&iq4::IQ4_NL_KERNELS),
@@ -216,7 +223,11 @@ pub fn quantize_into(
                 saw_non_finite.store(true, Ordering::Relaxed);
                 return;
             }
-            for (j, (o, x)) in out.chunks_mut(row_bytes).zip(inp.chunks(n_per_row)).enumerate() {
+            for (j, (o, x)) in out
+                .chunks_mut(row_bytes)
+                .zip(inp.chunks(n_per_row))
+                .enumerate()
+            {
                 let row = task * step + j;
                 let w = imatrix.map(|w| {
                     let s = row / rows_per_slice;
@@ -234,7 +245,11 @@ pub fn quantize_into(
 
 /// True when no element is NaN or ±Inf (exponent bits all ones); branch-free so it vectorises.
 fn all_finite(xs: &[f32]) -> bool {
-    xs.chunks(256).all(|c| c.iter().fold(0u32, |acc, v| acc | ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32) == 0)
+    xs.chunks(256).all(|c| {
+        c.iter().fold(0u32, |acc, v| {
+            acc | ((v.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32
+        }) == 0
+    })
 }
 
 /// Quantize `src` (rows of `n_per_row`) to `ty`, returning the packed bytes.

@@ -90,7 +90,11 @@ pub fn make_qx_quants(
     }
     let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
     if return_early {
-        return if suml2 > 0.0 { 0.5 * (scale + 1.0 / iscale) } else { 1.0 / iscale };
+        return if suml2 > 0.0 {
+            0.5 * (scale + 1.0 / iscale)
+        } else {
+            1.0 / iscale
+        };
     }
     let mut best = scale * sumlx;
     for is in -9i32..=9 {
@@ -323,7 +327,11 @@ pub fn make_qkx3_quants(
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
         for i in 0..n {
             let v = iscale * (x[i] - min);
-            let q = if v > 0.0 { nearest_int(if v < nmaxf { v } else { nmaxf }) } else { 0 };
+            let q = if v > 0.0 {
+                nearest_int(if v < nmaxf { v } else { nmaxf })
+            } else {
+                0
+            };
             laux[i] = q as u8;
             let w = weight(i);
             let qf = q as f32;
@@ -461,7 +469,10 @@ mod tests {
     }
 
     fn dequant_err(x: &[f32], scale: f32, levels: &[i32]) -> f32 {
-        x.iter().zip(levels).map(|(v, q)| (v - scale * *q as f32).powi(2)).sum::<f32>()
+        x.iter()
+            .zip(levels)
+            .map(|(v, q)| (v - scale * *q as f32).powi(2))
+            .sum::<f32>()
     }
 
     #[test]
@@ -473,10 +484,19 @@ mod tests {
         let s1 = make_qx_quants(4, &x, &mut l1, 1, None);
         let w: Vec<f32> = x.iter().map(|v| v * v).collect();
         let err = |s: f32, l: &[i8]| {
-            x.iter().zip(l).zip(&w).map(|((v, q), w)| w * (v - s * (*q as f32 - 4.0)).powi(2)).sum::<f32>()
+            x.iter()
+                .zip(l)
+                .zip(&w)
+                .map(|((v, q), w)| w * (v - s * (*q as f32 - 4.0)).powi(2))
+                .sum::<f32>()
         };
         assert!(l0.iter().chain(&l1).all(|q| (0..8).contains(q)));
-        assert!(err(s1, &l1) <= err(s0, &l0) * 1.0001, "{} > {}", err(s1, &l1), err(s0, &l0));
+        assert!(
+            err(s1, &l1) <= err(s0, &l0) * 1.0001,
+            "{} > {}",
+            err(s1, &l1),
+            err(s0, &l0)
+        );
         // All-zero input gives zero scale and levels.
         assert_eq!(make_qx_quants(32, &[0.0; 16], &mut l1, 1, None), 0.0);
         assert!(l1.iter().all(|q| *q == 0));
@@ -502,9 +522,15 @@ mod tests {
             assert!(la.iter().chain(&lb).all(|q| (-4..4).contains(q)));
             // x²-weighted error: descent only accepts improvements of the weighted fit.
             let werr = |s: f32, l: &[i32]| {
-                x.iter().zip(l).map(|(v, q)| v * v * (v - s * *q as f32).powi(2)).sum::<f32>()
+                x.iter()
+                    .zip(l)
+                    .map(|(v, q)| v * v * (v - s * *q as f32).powi(2))
+                    .sum::<f32>()
             };
-            assert!(werr(sb, &lb) <= werr(sa, &la) * 1.0001 + 1e-12, "seed {seed}");
+            assert!(
+                werr(sb, &lb) <= werr(sa, &la) * 1.0001 + 1e-12,
+                "seed {seed}"
+            );
             assert!(dequant_err(&x, sb, &lb).is_finite());
         }
     }
@@ -518,21 +544,46 @@ mod tests {
             let mut aux = [0u8; 32];
             let (s2, m2) = make_qkx2_quants(15, &x, &w, &mut l, &mut aux, -1.0, 0.1, 20, false);
             assert!(l.iter().all(|q| *q <= 15) && s2 > 0.0 && m2 >= 0.0);
-            let err2: f32 = x.iter().zip(&l).map(|(v, q)| (s2 * *q as f32 - m2 - v).powi(2)).sum();
-            let (s3, m3) = make_qkx3_quants(15, &x, Some(&w), &mut l, &mut aux, -0.9, 0.05, 36, false);
+            let err2: f32 = x
+                .iter()
+                .zip(&l)
+                .map(|(v, q)| (s2 * *q as f32 - m2 - v).powi(2))
+                .sum();
+            let (s3, m3) =
+                make_qkx3_quants(15, &x, Some(&w), &mut l, &mut aux, -0.9, 0.05, 36, false);
             assert!(l.iter().all(|q| *q <= 15) && s3 > 0.0 && m3 >= 0.0);
-            let err3: f32 = x.iter().zip(&l).map(|(v, q)| (s3 * *q as f32 - m3 - v).powi(2)).sum();
+            let err3: f32 = x
+                .iter()
+                .zip(&l)
+                .map(|(v, q)| (s3 * *q as f32 - m3 - v).powi(2))
+                .sum();
             // Both fits should be far better than the span/15 step would suggest for a bad fit.
-            let span = x.iter().cloned().fold(f32::MIN, f32::max) - x.iter().cloned().fold(f32::MAX, f32::min);
+            let span = x.iter().cloned().fold(f32::MIN, f32::max)
+                - x.iter().cloned().fold(f32::MAX, f32::min);
             let bound = 32.0 * (span / 15.0).powi(2);
-            assert!(err2 < bound && err3 < bound, "seed {seed}: {err2} {err3} {bound}");
+            assert!(
+                err2 < bound && err3 < bound,
+                "seed {seed}: {err2} {err3} {bound}"
+            );
         }
         // Constant non-negative input: min clamps to 0 and the fit is exact.
         let mut l = [0u8; 16];
         let mut aux = [0u8; 16];
-        let (s, m) = make_qkx2_quants(3, &[0.0; 16], &[1.0; 16], &mut l, &mut aux, -0.5, 0.1, 15, true);
+        let (s, m) = make_qkx2_quants(
+            3, &[0.0; 16], &[1.0; 16], &mut l, &mut aux, -0.5, 0.1, 15, true,
+        );
         assert_eq!((s, m), (0.0, 0.0));
-        let (s, m) = make_qkx3_quants(3, &[-2.0; 16], None, &mut l, &mut aux, -0.9, 0.05, 36, false);
+        let (s, m) = make_qkx3_quants(
+            3,
+            &[-2.0; 16],
+            None,
+            &mut l,
+            &mut aux,
+            -0.9,
+            0.05,
+            36,
+            false,
+        );
         assert!(s.is_finite() && m.is_finite());
     }
 

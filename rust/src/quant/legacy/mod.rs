@@ -96,7 +96,11 @@ pub(crate) fn pack_q5(levels: &[u8; QK], qh: &mut [u8], qs: &mut [u8]) {
 /// Five-bit level j of a Q5 block (inverse of `pack_q5`).
 #[inline(always)]
 pub(crate) fn q5_level(qh: u32, qs: &[u8], j: usize) -> u8 {
-    let nib = if j < QK / 2 { qs[j] & 0x0F } else { qs[j - QK / 2] >> 4 };
+    let nib = if j < QK / 2 {
+        qs[j] & 0x0F
+    } else {
+        qs[j - QK / 2] >> 4
+    };
     nib | ((((qh >> j) & 1) as u8) << 4)
 }
 
@@ -144,9 +148,16 @@ mod tests {
         for k in [&Q4_0_KERNELS, &Q4_1_KERNELS, &Q5_0_KERNELS, &Q5_1_KERNELS] {
             let plain = weighted_rmse(k, &x, &w, false);
             let weighted = weighted_rmse(k, &x, &w, true);
-            assert!(weighted < plain * 0.97, "{}: imatrix rmse {weighted} vs plain {plain}", k.ty);
+            assert!(
+                weighted < plain * 0.97,
+                "{}: imatrix rmse {weighted} vs plain {plain}",
+                k.ty
+            );
         }
-        assert_eq!(weighted_rmse(&Q8_0_KERNELS, &x, &w, true), weighted_rmse(&Q8_0_KERNELS, &x, &w, false));
+        assert_eq!(
+            weighted_rmse(&Q8_0_KERNELS, &x, &w, true),
+            weighted_rmse(&Q8_0_KERNELS, &x, &w, false)
+        );
     }
 
     #[test]
@@ -156,14 +167,24 @@ mod tests {
         let n = 256;
         let mut r = crate::quant::testdata::Rng::new(77);
         for case in 0..48u64 {
-            let mut x = if case % 3 == 0 { heavy_tailed(case, n) } else { crate::quant::testdata::gaussian(case, n) };
+            let mut x = if case % 3 == 0 {
+                heavy_tailed(case, n)
+            } else {
+                crate::quant::testdata::gaussian(case, n)
+            };
             let mut w = importance(1000 + case, n);
-            match case % 6 {
+            match case % 8 {
                 1 => w.iter_mut().step_by(3).for_each(|v| *v = 0.0),
                 2 => w[..64].fill(0.0),
                 3 => x.iter_mut().for_each(|v| *v = v.abs()),
                 4 => x[..32].fill(0.25),
                 5 => x.iter_mut().for_each(|v| *v = (*v * 40.0).round() / 8.0),
+                // Overflowing and underflowing weighted sums must still agree.
+                6 => w.iter_mut().for_each(|v| *v *= 1e30),
+                7 => {
+                    x.iter_mut().for_each(|v| *v *= 1e15);
+                    w.iter_mut().for_each(|v| *v *= 1e-30);
+                }
                 _ => x[(r.next_u64() % n as u64) as usize] = 3.0,
             }
             for k in [&Q4_0_KERNELS, &Q4_1_KERNELS, &Q5_0_KERNELS, &Q5_1_KERNELS] {

@@ -33,7 +33,11 @@ fn quantize_block_ref(x: &[f32], y: &mut [u8]) {
 /// quantize_row_q4_0_impl with importance weights: weighted least-squares scale search.
 fn quantize_row_imatrix(src: &[f32], dst: &mut [u8], qw: &[f32]) {
     let sigma2 = row_sigma2(src);
-    for ((x, y), w) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)).zip(qw.chunks_exact(QK)) {
+    for ((x, y), w) in src
+        .chunks_exact(QK)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        .zip(qw.chunks_exact(QK))
+    {
         let weights = imatrix_weights(x, w, sigma2);
         let mut l = [0i8; QK];
         let d = make_qx_quants(8, x, &mut l, 1, Some(&weights));
@@ -108,7 +112,11 @@ mod avx2 {
             let d = max / -8.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             y[..2].copy_from_slice(&f16_bytes(d));
-            let (idv, half, fifteen) = (_mm256_set1_ps(id), _mm256_set1_ps(8.5), _mm256_set1_epi32(15));
+            let (idv, half, fifteen) = (
+                _mm256_set1_ps(id),
+                _mm256_set1_ps(8.5),
+                _mm256_set1_epi32(15),
+            );
             // Separate mul and add, truncating conversion, (int8_t) then MIN(15, .) as in ggml.
             let q = b.map(|v| {
                 let t = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, idv), half));
@@ -123,7 +131,11 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row_imatrix(src: &[f32], dst: &mut [u8], qw: &[f32]) {
         let sigma2 = row_sigma2(src);
-        for ((x, y), w) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)).zip(qw.chunks_exact(QK)) {
+        for ((x, y), w) in src
+            .chunks_exact(QK)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+            .zip(qw.chunks_exact(QK))
+        {
             let weights = imatrix_weights(x, w, sigma2);
             let mut l = [0i8; QK];
             let d = make_qx_quants_32(8, x, &weights, &mut l);
@@ -140,7 +152,10 @@ mod avx2 {
         for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK)) {
             let d = _mm256_set1_ps(f16_at(x));
             let q = unpack_nibbles(&x[2..]);
-            store_block(y, q.map(|l| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(l, eight)), d)));
+            store_block(
+                y,
+                q.map(|l| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(l, eight)), d)),
+            );
         }
     }
 }

@@ -36,10 +36,24 @@ fn quantize_block_ref(x: &[f32], y: &mut [u8]) {
 /// quantize_row_q4_1_impl with importance weights: make_qkx3_quants' weighted scale/min search.
 fn quantize_row_imatrix(src: &[f32], dst: &mut [u8], qw: &[f32]) {
     let sigma2 = row_sigma2(src);
-    for ((x, y), w) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)).zip(qw.chunks_exact(QK)) {
+    for ((x, y), w) in src
+        .chunks_exact(QK)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        .zip(qw.chunks_exact(QK))
+    {
         let weights = imatrix_weights(x, w, sigma2);
         let (mut l, mut laux) = ([0u8; QK], [0u8; QK]);
-        let (d, the_min) = make_qkx3_quants(15, x, Some(&weights), &mut l, &mut laux, -0.9, 0.05, 36, false);
+        let (d, the_min) = make_qkx3_quants(
+            15,
+            x,
+            Some(&weights),
+            &mut l,
+            &mut laux,
+            -0.9,
+            0.05,
+            36,
+            false,
+        );
         y[..2].copy_from_slice(&f16_bytes(d));
         y[2..4].copy_from_slice(&f16_bytes(-the_min));
         for j in 0..QK / 2 {
@@ -114,8 +128,12 @@ mod avx2 {
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             y[..2].copy_from_slice(&f16_bytes(d));
             y[2..4].copy_from_slice(&f16_bytes(min));
-            let (minv, idv, half, fifteen) =
-                (_mm256_set1_ps(min), _mm256_set1_ps(id), _mm256_set1_ps(0.5), _mm256_set1_epi32(15));
+            let (minv, idv, half, fifteen) = (
+                _mm256_set1_ps(min),
+                _mm256_set1_ps(id),
+                _mm256_set1_ps(0.5),
+                _mm256_set1_epi32(15),
+            );
             let q = b.map(|v| {
                 let s = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v, minv), idv), half);
                 _mm256_min_epi32(low_byte_signed(_mm256_cvttps_epi32(s)), fifteen)
@@ -129,7 +147,11 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row_imatrix(src: &[f32], dst: &mut [u8], qw: &[f32]) {
         let sigma2 = row_sigma2(src);
-        for ((x, y), w) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)).zip(qw.chunks_exact(QK)) {
+        for ((x, y), w) in src
+            .chunks_exact(QK)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+            .zip(qw.chunks_exact(QK))
+        {
             let weights = imatrix_weights(x, w, sigma2);
             let mut l = [0u8; QK];
             let (d, the_min) = make_qkx3_quants_32(15, x, &weights, &mut l);
@@ -148,7 +170,10 @@ mod avx2 {
             let m = _mm256_set1_ps(f16_at(&x[2..]));
             let q = unpack_nibbles(&x[4..]);
             // mul then add, never fused, like ggml's x*d + m.
-            store_block(y, q.map(|l| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(l), d), m)));
+            store_block(
+                y,
+                q.map(|l| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(l), d), m)),
+            );
         }
     }
 }
@@ -166,7 +191,15 @@ mod tests {
     #[test]
     fn known_block() {
         // min -1, max 2: d = 0.2, levels (x + 1) / 0.2.
-        let x: [f32; QK] = std::array::from_fn(|j| if j == 7 { -1.0 } else if j == 30 { 2.0 } else { 0.0 });
+        let x: [f32; QK] = std::array::from_fn(|j| {
+            if j == 7 {
+                -1.0
+            } else if j == 30 {
+                2.0
+            } else {
+                0.0
+            }
+        });
         let mut y = [0u8; BLOCK_BYTES];
         Q4_1::quantize_row_ref(&x, &mut y, None);
         assert_eq!(f16_at(&y[2..]), -1.0);

@@ -31,7 +31,11 @@ fn quantize_block_ref(x: &[f32], y: &mut [u8]) {
 /// quantize_row_q5_0_impl with importance weights: weighted least-squares scale search.
 fn quantize_row_imatrix(src: &[f32], dst: &mut [u8], qw: &[f32]) {
     let sigma2 = row_sigma2(src);
-    for ((x, y), w) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)).zip(qw.chunks_exact(QK)) {
+    for ((x, y), w) in src
+        .chunks_exact(QK)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        .zip(qw.chunks_exact(QK))
+    {
         let weights = imatrix_weights(x, w, sigma2);
         let mut l = [0i8; QK];
         let d = make_qx_quants(16, x, &mut l, 1, Some(&weights));
@@ -106,14 +110,21 @@ mod avx2 {
             let d = max / -16.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             y[..2].copy_from_slice(&f16_bytes(d));
-            let (idv, half, top) = (_mm256_set1_ps(id), _mm256_set1_ps(16.5), _mm256_set1_epi32(31));
+            let (idv, half, top) = (
+                _mm256_set1_ps(id),
+                _mm256_set1_ps(16.5),
+                _mm256_set1_epi32(31),
+            );
             let q = b.map(|v| {
                 let t = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, idv), half));
                 _mm256_min_epi32(low_byte_signed(t), top)
             });
             let levels = pack_low_bytes(q);
             y[2..6].copy_from_slice(&bit4_mask(levels).to_le_bytes());
-            _mm_storeu_si128(y[6..].as_mut_ptr() as *mut __m128i, nibbles_or(levels, true));
+            _mm_storeu_si128(
+                y[6..].as_mut_ptr() as *mut __m128i,
+                nibbles_or(levels, true),
+            );
         }
     }
 
@@ -121,7 +132,11 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row_imatrix(src: &[f32], dst: &mut [u8], qw: &[f32]) {
         let sigma2 = row_sigma2(src);
-        for ((x, y), w) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)).zip(qw.chunks_exact(QK)) {
+        for ((x, y), w) in src
+            .chunks_exact(QK)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+            .zip(qw.chunks_exact(QK))
+        {
             let weights = imatrix_weights(x, w, sigma2);
             let mut l = [0i8; QK];
             let d = make_qx_quants_32(16, x, &weights, &mut l);
@@ -136,9 +151,11 @@ mod avx2 {
         let sixteen = _mm256_set1_epi32(16);
         for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK)) {
             let d = _mm256_set1_ps(f16_at(x));
-            let mut q = unpack_nibbles(&x[6..]);
-            add_high_bits(&mut q, u32::from_le_bytes([x[2], x[3], x[4], x[5]]));
-            store_block(y, q.map(|l| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(l, sixteen)), d)));
+            let q = unpack_q5_levels(&x[6..], u32::from_le_bytes([x[2], x[3], x[4], x[5]]));
+            store_block(
+                y,
+                q.map(|l| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(l, sixteen)), d)),
+            );
         }
     }
 }

@@ -35,10 +35,24 @@ fn quantize_block_ref(x: &[f32], y: &mut [u8]) {
 /// quantize_row_q5_1_impl with importance weights: make_qkx3_quants' weighted scale/min search.
 fn quantize_row_imatrix(src: &[f32], dst: &mut [u8], qw: &[f32]) {
     let sigma2 = row_sigma2(src);
-    for ((x, y), w) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)).zip(qw.chunks_exact(QK)) {
+    for ((x, y), w) in src
+        .chunks_exact(QK)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        .zip(qw.chunks_exact(QK))
+    {
         let weights = imatrix_weights(x, w, sigma2);
         let (mut l, mut laux) = ([0u8; QK], [0u8; QK]);
-        let (d, the_min) = make_qkx3_quants(31, x, Some(&weights), &mut l, &mut laux, -0.9, 0.05, 36, false);
+        let (d, the_min) = make_qkx3_quants(
+            31,
+            x,
+            Some(&weights),
+            &mut l,
+            &mut laux,
+            -0.9,
+            0.05,
+            36,
+            false,
+        );
         y[..2].copy_from_slice(&f16_bytes(d));
         y[2..4].copy_from_slice(&f16_bytes(-the_min));
         let (qh, qs) = y[4..].split_at_mut(4);
@@ -114,11 +128,17 @@ mod avx2 {
             y[2..4].copy_from_slice(&f16_bytes(min));
             let (minv, idv, half) = (_mm256_set1_ps(min), _mm256_set1_ps(id), _mm256_set1_ps(0.5));
             let q = b.map(|v| {
-                _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v, minv), idv), half))
+                _mm256_cvttps_epi32(_mm256_add_ps(
+                    _mm256_mul_ps(_mm256_sub_ps(v, minv), idv),
+                    half,
+                ))
             });
             let levels = pack_low_bytes(q);
             y[4..8].copy_from_slice(&bit4_mask(levels).to_le_bytes());
-            _mm_storeu_si128(y[8..].as_mut_ptr() as *mut __m128i, nibbles_or(levels, true));
+            _mm_storeu_si128(
+                y[8..].as_mut_ptr() as *mut __m128i,
+                nibbles_or(levels, true),
+            );
         }
     }
 
@@ -126,7 +146,11 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row_imatrix(src: &[f32], dst: &mut [u8], qw: &[f32]) {
         let sigma2 = row_sigma2(src);
-        for ((x, y), w) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)).zip(qw.chunks_exact(QK)) {
+        for ((x, y), w) in src
+            .chunks_exact(QK)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+            .zip(qw.chunks_exact(QK))
+        {
             let weights = imatrix_weights(x, w, sigma2);
             let mut l = [0u8; QK];
             let (d, the_min) = make_qkx3_quants_32(31, x, &weights, &mut l);
@@ -142,10 +166,12 @@ mod avx2 {
         for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK)) {
             let d = _mm256_set1_ps(f16_at(x));
             let m = _mm256_set1_ps(f16_at(&x[2..]));
-            let mut q = unpack_nibbles(&x[8..]);
-            add_high_bits(&mut q, u32::from_le_bytes([x[4], x[5], x[6], x[7]]));
+            let q = unpack_q5_levels(&x[8..], u32::from_le_bytes([x[4], x[5], x[6], x[7]]));
             // mul then add, never fused, like ggml's x*d + m.
-            store_block(y, q.map(|l| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(l), d), m)));
+            store_block(
+                y,
+                q.map(|l| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(l), d), m)),
+            );
         }
     }
 }

@@ -16,7 +16,10 @@ impl BlockQuant for Q8_0 {
 
     /// quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d) (half away from zero).
     fn quantize_row_ref(src: &[f32], dst: &mut [u8], _imatrix: Option<&[f32]>) {
-        for (x, y) in src.chunks_exact(QK8_0).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+        for (x, y) in src
+            .chunks_exact(QK8_0)
+            .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -38,7 +41,10 @@ impl BlockQuant for Q8_0 {
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK8_0)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK8_0))
+        {
             let d = f16_at(x);
             for (o, q) in y.iter_mut().zip(&x[2..]) {
                 *o = (*q as i8) as f32 * d;
@@ -93,8 +99,9 @@ mod avx2 {
         for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK)) {
             let d = _mm256_set1_ps(f16_at(x));
             let p = x[2..].as_ptr();
-            let q: [__m256i; 4] =
-                std::array::from_fn(|k| _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i)));
+            let q: [__m256i; 4] = std::array::from_fn(|k| {
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i))
+            });
             store_block(y, q.map(|l| _mm256_mul_ps(_mm256_cvtepi32_ps(l), d)));
         }
     }

@@ -13,7 +13,12 @@ pub(crate) type Block = [__m256; 4];
 pub(crate) unsafe fn load_block(x: &[f32]) -> Block {
     debug_assert!(x.len() >= QK);
     let p = x.as_ptr();
-    [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))]
+    [
+        _mm256_loadu_ps(p),
+        _mm256_loadu_ps(p.add(8)),
+        _mm256_loadu_ps(p.add(16)),
+        _mm256_loadu_ps(p.add(24)),
+    ]
 }
 
 #[inline]
@@ -77,8 +82,14 @@ pub(crate) unsafe fn block_signed_absmax(b: &Block, x: &[f32]) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn block_min_max(b: &Block, x: &[f32]) -> (f32, f32) {
-    let mut min = hmin(_mm256_min_ps(_mm256_min_ps(b[0], b[1]), _mm256_min_ps(b[2], b[3])));
-    let mut max = hmax(_mm256_max_ps(_mm256_max_ps(b[0], b[1]), _mm256_max_ps(b[2], b[3])));
+    let mut min = hmin(_mm256_min_ps(
+        _mm256_min_ps(b[0], b[1]),
+        _mm256_min_ps(b[2], b[3]),
+    ));
+    let mut max = hmax(_mm256_max_ps(
+        _mm256_max_ps(b[0], b[1]),
+        _mm256_max_ps(b[2], b[3]),
+    ));
     if min == 0.0 || max == 0.0 {
         let first_zero = x[eq_mask(b, _mm256_setzero_ps()).trailing_zeros() as usize];
         if min == 0.0 {
@@ -106,7 +117,10 @@ pub(crate) unsafe fn pack_low_bytes(q: [__m256i; 4]) -> __m256i {
     let ab = _mm256_packus_epi32(_mm256_and_si256(q[0], ff), _mm256_and_si256(q[1], ff));
     let cd = _mm256_packus_epi32(_mm256_and_si256(q[2], ff), _mm256_and_si256(q[3], ff));
     // packs work per 128-bit lane; this restores element order across lanes.
-    _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+    _mm256_permutevar8x32_epi32(
+        _mm256_packus_epi16(ab, cd),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+    )
 }
 
 /// qs[j] = lo[j] | (hi[j] << 4) for the two 16-byte halves of a block's levels.
@@ -118,7 +132,10 @@ pub(crate) unsafe fn nibbles_or(levels: __m256i, mask_lo: bool) -> __m128i {
         lo = _mm_and_si128(lo, _mm_set1_epi8(0x0F));
     }
     let hi = _mm256_extracti128_si256::<1>(levels);
-    _mm_or_si128(lo, _mm_and_si128(_mm_slli_epi16::<4>(hi), _mm_set1_epi8(0xF0u8 as i8)))
+    _mm_or_si128(
+        lo,
+        _mm_and_si128(_mm_slli_epi16::<4>(hi), _mm_set1_epi8(0xF0u8 as i8)),
+    )
 }
 
 /// Bit j = bit 4 of level j (the Q5 high bits).
@@ -143,19 +160,47 @@ pub(crate) unsafe fn unpack_nibbles(qs: &[u8]) -> [__m256i; 4] {
     let m = _mm_set1_epi8(0x0F);
     let lo = _mm_and_si128(raw, m);
     let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), m);
-    [widen_u8(lo), widen_u8(_mm_srli_si128::<8>(lo)), widen_u8(hi), widen_u8(_mm_srli_si128::<8>(hi))]
+    [
+        widen_u8(lo),
+        widen_u8(_mm_srli_si128::<8>(lo)),
+        widen_u8(hi),
+        widen_u8(_mm_srli_si128::<8>(hi)),
+    ]
 }
 
-/// Adds bit j of `qh` as bit 4 of level j.
+/// The 32 five-bit levels of a Q5 block (nibbles in `qs`, bit j of `qh` = bit 4 of level j),
+/// widened to 4×8 i32. The high bits are spread one per byte with a shuffle and a bit test.
 #[inline]
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn add_high_bits(levels: &mut [__m256i; 4], qh: u32) {
-    let shifts = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let one = _mm256_set1_epi32(1);
-    for (k, l) in levels.iter_mut().enumerate() {
-        let bits = _mm256_srlv_epi32(_mm256_set1_epi32((qh >> (8 * k)) as i32), shifts);
-        *l = _mm256_or_si256(*l, _mm256_slli_epi32::<4>(_mm256_and_si256(bits, one)));
-    }
+pub(crate) unsafe fn unpack_q5_levels(qs: &[u8], qh: u32) -> [__m256i; 4] {
+    debug_assert!(qs.len() >= 16);
+    let raw = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+    let m = _mm_set1_epi8(0x0F);
+    let nibbles = _mm256_set_m128i(
+        _mm_and_si128(_mm_srli_epi16::<4>(raw), m),
+        _mm_and_si128(raw, m),
+    );
+    // Byte j takes byte j/8 of qh (shuffles stay inside each 128-bit lane, so lane 1 uses 2 and 3).
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(qh as i32),
+        _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        ),
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    let levels = _mm256_or_si256(nibbles, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+    let (lo, hi) = (
+        _mm256_castsi256_si128(levels),
+        _mm256_extracti128_si256::<1>(levels),
+    );
+    [
+        widen_u8(lo),
+        widen_u8(_mm_srli_si128::<8>(lo)),
+        widen_u8(hi),
+        widen_u8(_mm_srli_si128::<8>(hi)),
+    ]
 }
 
 /// Stores 32 floats.
@@ -174,14 +219,22 @@ pub(crate) unsafe fn store_block(y: &mut [f32], v: [__m256; 4]) {
 #[target_feature(enable = "avx2")]
 unsafe fn nearest_int8(v: __m256) -> __m256i {
     let t = _mm256_castps_si256(_mm256_add_ps(v, _mm256_set1_ps(12_582_912.0)));
-    _mm256_sub_epi32(_mm256_and_si256(t, _mm256_set1_epi32(0x007f_ffff)), _mm256_set1_epi32(0x0040_0000))
+    _mm256_sub_epi32(
+        _mm256_and_si256(t, _mm256_set1_epi32(0x007f_ffff)),
+        _mm256_set1_epi32(0x0040_0000),
+    )
 }
 
 /// `util::make_qx_quants(nmax, x, l, 1, Some(qw))` for one 32-element block, bit-identical: the
 /// 19 candidate scales (the first guess and the 18 of the search) run side by side, one per lane,
 /// and each lane accumulates its sums in ggml's element order, so only the scheduling changes.
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn make_qx_quants_32(nmax: i32, x: &[f32], qw: &[f32; QK], l: &mut [i8; QK]) -> f32 {
+pub(crate) unsafe fn make_qx_quants_32(
+    nmax: i32,
+    x: &[f32],
+    qw: &[f32; QK],
+    l: &mut [i8; QK],
+) -> f32 {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in &x[..QK] {
         if v.abs() > amax {
@@ -207,7 +260,10 @@ pub(crate) unsafe fn make_qx_quants_32(nmax: i32, x: &[f32], qw: &[f32; QK], l: 
         let (xv, wv) = (_mm256_set1_ps(x[i]), _mm256_set1_ps(qw[i]));
         let wx = _mm256_mul_ps(wv, xv);
         for g in 0..3 {
-            let q = _mm256_min_epi32(_mm256_max_epi32(nearest_int8(_mm256_mul_ps(isv[g], xv)), lo), hi);
+            let q = _mm256_min_epi32(
+                _mm256_max_epi32(nearest_int8(_mm256_mul_ps(isv[g], xv)), lo),
+                hi,
+            );
             let qf = _mm256_cvtepi32_ps(q);
             // ggml: sumlx += w*x[i]*l; suml2 += w*l*l (left to right, no fusing).
             sumlx[g] = _mm256_add_ps(sumlx[g], _mm256_mul_ps(wx, qf));
@@ -247,9 +303,18 @@ struct Passes {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn qkx3_passes(nmax: i32, x: &[f32], w: &[f32; QK], max: f32, min: f32, sums: (f32, f32), first: usize) -> Passes {
+unsafe fn qkx3_passes(
+    nmax: i32,
+    x: &[f32],
+    w: &[f32; QK],
+    max: f32,
+    min: f32,
+    sums: (f32, f32),
+    first: usize,
+) -> Passes {
     let nmaxf = nmax as f32;
-    let iscales: [f32; 8] = std::array::from_fn(|k| (-0.9f32 + 0.05f32 * (first + k) as f32 + nmaxf) / (max - min));
+    let iscales: [f32; 8] =
+        std::array::from_fn(|k| (-0.9f32 + 0.05f32 * (first + k) as f32 + nmaxf) / (max - min));
     let isv = _mm256_loadu_ps(iscales.as_ptr());
     let zero = _mm256_setzero_ps();
     let nmaxv = _mm256_set1_ps(nmaxf);
@@ -257,11 +322,18 @@ unsafe fn qkx3_passes(nmax: i32, x: &[f32], w: &[f32; QK], max: f32, min: f32, s
     let level = |xm: __m256| {
         let v = _mm256_mul_ps(isv, xm);
         let q = nearest_int8(_mm256_min_ps(v, nmaxv));
-        _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(v, zero))))
+        _mm256_cvtepi32_ps(_mm256_and_si256(
+            q,
+            _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(v, zero)),
+        ))
     };
     let (mut sum_l, mut sum_l2, mut sum_xl) = (zero, zero, zero);
     for i in 0..QK {
-        let (xv, wv, xm) = (_mm256_set1_ps(x[i]), _mm256_set1_ps(w[i]), _mm256_set1_ps(x[i] - min));
+        let (xv, wv, xm) = (
+            _mm256_set1_ps(x[i]),
+            _mm256_set1_ps(w[i]),
+            _mm256_set1_ps(x[i] - min),
+        );
         let qf = level(xm);
         // ggml: sum_l += w*l; sum_l2 += w*l*l; sum_xl += w*l*x[i] (left to right, no fusing).
         let wq = _mm256_mul_ps(wv, qf);
@@ -271,15 +343,25 @@ unsafe fn qkx3_passes(nmax: i32, x: &[f32], w: &[f32; QK], max: f32, min: f32, s
     }
     let (swv, sxv) = (_mm256_set1_ps(sums.0), _mm256_set1_ps(sums.1));
     let det = _mm256_sub_ps(_mm256_mul_ps(swv, sum_l2), _mm256_mul_ps(sum_l, sum_l));
-    let s = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(swv, sum_xl), _mm256_mul_ps(sxv, sum_l)), det);
-    let m = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(sum_l2, sxv), _mm256_mul_ps(sum_l, sum_xl)), det);
+    let s = _mm256_div_ps(
+        _mm256_sub_ps(_mm256_mul_ps(swv, sum_xl), _mm256_mul_ps(sxv, sum_l)),
+        det,
+    );
+    let m = _mm256_div_ps(
+        _mm256_sub_ps(_mm256_mul_ps(sum_l2, sxv), _mm256_mul_ps(sum_l, sum_xl)),
+        det,
+    );
     // ggml: a positive min is replaced by 0 and the scale refitted without it.
     let positive = _mm256_cmp_ps::<_CMP_GT_OQ>(m, zero);
     let this_min = _mm256_andnot_ps(positive, m);
     let this_scale = _mm256_blendv_ps(s, _mm256_div_ps(sum_xl, sum_l2), positive);
     let mut mad = zero;
     for i in 0..QK {
-        let (xv, wv, xm) = (_mm256_set1_ps(x[i]), _mm256_set1_ps(w[i]), _mm256_set1_ps(x[i] - min));
+        let (xv, wv, xm) = (
+            _mm256_set1_ps(x[i]),
+            _mm256_set1_ps(w[i]),
+            _mm256_set1_ps(x[i] - min),
+        );
         let qf = level(xm);
         let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(this_scale, qf), this_min), xv);
         mad = _mm256_add_ps(mad, _mm256_mul_ps(wv, _mm256_mul_ps(diff, diff)));
@@ -289,7 +371,12 @@ unsafe fn qkx3_passes(nmax: i32, x: &[f32], w: &[f32; QK], max: f32, min: f32, s
         _mm256_storeu_ps(out.as_mut_ptr(), v);
         out
     };
-    Passes { det: unpack(det), mad: unpack(mad), scale: unpack(this_scale), min: unpack(this_min) }
+    Passes {
+        det: unpack(det),
+        mad: unpack(mad),
+        scale: unpack(this_scale),
+        min: unpack(this_min),
+    }
 }
 
 /// `util::make_qkx3_quants(nmax, x, Some(w), l, _, -0.9, 0.05, 36, false)` for one 32-element
@@ -298,7 +385,12 @@ unsafe fn qkx3_passes(nmax: i32, x: &[f32], w: &[f32; QK], max: f32, min: f32, s
 /// in ggml's element order), and the search resumes right after the first winner among them.
 /// Returns (scale, -min).
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn make_qkx3_quants_32(nmax: i32, x: &[f32], w: &[f32; QK], l: &mut [u8; QK]) -> (f32, f32) {
+pub(crate) unsafe fn make_qkx3_quants_32(
+    nmax: i32,
+    x: &[f32],
+    w: &[f32; QK],
+    l: &mut [u8; QK],
+) -> (f32, f32) {
     const NSTEP: usize = 36;
     let (mut min, mut max) = (x[0], x[0]);
     let mut sum_w = w[0];
@@ -343,7 +435,11 @@ pub(crate) unsafe fn make_qkx3_quants_32(nmax: i32, x: &[f32], w: &[f32; QK], l:
         let iscale = (-0.9f32 + 0.05f32 * (first + k) as f32 + nmaxf) / (max - min);
         for i in 0..QK {
             let v = iscale * (x[i] - min);
-            l[i] = if v > 0.0 { crate::quant::util::nearest_int(if v < nmaxf { v } else { nmaxf }) as u8 } else { 0 };
+            l[i] = if v > 0.0 {
+                crate::quant::util::nearest_int(if v < nmaxf { v } else { nmaxf }) as u8
+            } else {
+                0
+            };
         }
         best_mad = p.mad[k];
         scale = p.scale[k];
