@@ -502,15 +502,19 @@ fn scale_fast(b: &[u8]) -> f32 {
     scale(b)
 }
 
-/// One block's contribution: d_w·d_a·Σq_w·q_a (+ m_w·s_a for offset types).
+/// One block's contribution: (d_w·d_a·Σq_w·q_a, m_w·s_a); the offset term is summed apart, as
+/// ggml does (0 for types without an offset).
 #[inline]
-fn block_term<B: IntBlock>(dec: &Decoded, a: &[u8]) -> f32 {
+fn block_term<B: IntBlock>(dec: &Decoded, a: &[u8]) -> (f32, f32) {
     if B::WITH_OFFSET {
         let sumi = int_dot(&dec.q, &a[4..]);
-        dec.d * scale_fast(a) * sumi as f32 + dec.m * scale_fast(&a[2..])
+        (
+            dec.d * scale_fast(a) * sumi as f32,
+            dec.m * scale_fast(&a[2..]),
+        )
     } else {
         let sumi = int_dot(&dec.q, &a[2..]);
-        dec.d * scale_fast(a) * sumi as f32
+        (dec.d * scale_fast(a) * sumi as f32, 0.0)
     }
 }
 
@@ -524,24 +528,28 @@ fn act_bytes<B: IntBlock>() -> usize {
 
 fn vec_dot_int<B: IntBlock>(w: &[u8], a: &[u8]) -> f32 {
     let ab = act_bytes::<B>();
-    let mut sum = 0f32;
+    let (mut sum, mut offsets) = (0f32, 0f32);
     for (wb, abk) in w.chunks_exact(B::BYTES).zip(a.chunks_exact(ab)) {
-        sum += block_term::<B>(&B::decode(wb), abk);
+        let (main, offset) = block_term::<B>(&B::decode(wb), abk);
+        sum += main;
+        offsets += offset;
     }
-    sum
+    sum + offsets
 }
 
 /// Four activation rows: each weight block is decoded once. Same additions as `vec_dot_int`.
 fn vec_dot_int_x4<B: IntBlock>(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
     let ab = act_bytes::<B>();
-    let mut sum = [0f32; 4];
+    let (mut sum, mut offsets) = ([0f32; 4], [0f32; 4]);
     for (i, wb) in w.chunks_exact(B::BYTES).enumerate() {
         let dec = B::decode(wb);
         for j in 0..4 {
-            sum[j] += block_term::<B>(&dec, &a[j][i * ab..(i + 1) * ab]);
+            let (main, offset) = block_term::<B>(&dec, &a[j][i * ab..(i + 1) * ab]);
+            sum[j] += main;
+            offsets[j] += offset;
         }
     }
-    sum
+    [0, 1, 2, 3].map(|j| sum[j] + offsets[j])
 }
 
 /// (activation bytes per 32 values, quantizer, dot, 4-row dot) for the legacy/IQ4_NL types.
