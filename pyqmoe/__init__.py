@@ -11,6 +11,7 @@ import numpy as np
 from . import _core
 from ._core import GGUFFormatError, PyqmoeError, TensorError, UnknownTypeError
 from .gguf_file import GGUFFile, TensorInfo
+from .model import Model
 from .models import default_model_path
 
 __version__ = _core.__version__
@@ -18,6 +19,7 @@ __version__ = _core.__version__
 __all__ = [
     "GGUFFile",
     "GGUFFormatError",
+    "Model",
     "PyqmoeError",
     "TensorError",
     "TensorInfo",

@@ -6,6 +6,7 @@
 pub mod error;
 pub mod gguf;
 pub mod imatrix;
+pub mod model;
 pub mod presets;
 pub mod quant;
 pub mod quantize_model;

@@ -15,6 +15,8 @@ use pyqmoe_core::presets::Preset;
 use pyqmoe_core::quantize_model::{self as qm, Progress, QuantizeParams, TensorRule};
 use pyqmoe_core::{quant, Error, GgmlType};
 
+mod model;
+
 create_exception!(
     _core,
     PyqmoeError,
@@ -647,6 +649,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_imatrix, m)?)?;
     m.add_function(wrap_pyfunction!(value_type_names, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
+    model::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,0 +1,418 @@
+//! The Qwen3(-MoE) forward pass over a batch of tokens, reading top to bottom like the model card.
+//!
+//! Per layer: RMSNorm → Q/K/V projections → per-head RMSNorm of Q and K → NEOX RoPE → grouped-query
+//! attention over the KV cache → output projection → residual → RMSNorm → feed-forward (router
+//! softmax, top-k, renormalised weights, SwiGLU experts; or a dense SwiGLU) → residual. Then the
+//! final RMSNorm and the output head.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+use super::matmul::{dot, matmul, Mat};
+use super::ops;
+use super::weights::{Ffn, Layer, WeightRef};
+use super::Model;
+
+/// Largest number of tokens pushed through the layers at once; longer inputs go in pieces.
+pub const MAX_BATCH: usize = 512;
+
+/// Storage type of the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvType {
+    F32,
+    /// Half the memory; values rounded to f16 as llama.cpp's default cache does.
+    F16,
+}
+
+enum KvBuf {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl KvBuf {
+    fn new(ty: KvType, n: usize) -> KvBuf {
+        match ty {
+            KvType::F32 => KvBuf::F32(vec![0.0; n]),
+            KvType::F16 => KvBuf::F16(vec![f16::ZERO; n]),
+        }
+    }
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvBuf::F32(b) => b[at..at + src.len()].copy_from_slice(src),
+            KvBuf::F16(b) => b[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+    /// The first `n` values as f32: borrowed for F32, converted once per call for F16.
+    fn prefix_f32(&self, n: usize) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            KvBuf::F32(b) => std::borrow::Cow::Borrowed(&b[..n]),
+            KvBuf::F16(b) => {
+                let mut out = vec![0f32; n];
+                b[..n].convert_to_f32_slice(&mut out);
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+}
+
+/// Keys and values of every layer for positions 0..n_ctx, each position a row of all KV heads.
+pub struct KvCache {
+    pub ty: KvType,
+    pub n_ctx: usize,
+    k_width: usize,
+    v_width: usize,
+    k: Vec<KvBuf>,
+    v: Vec<KvBuf>,
+}
+
+/// The mutable part of a generation: the KV cache and how many positions it holds.
+pub struct State {
+    pub kv: KvCache,
+    pub n_past: usize,
+}
+
+impl State {
+    /// Forget positions n.. (the next eval continues at position n).
+    pub fn truncate(&mut self, n: usize) {
+        self.n_past = self.n_past.min(n);
+    }
+    pub fn reset(&mut self) {
+        self.n_past = 0;
+    }
+}
+
+impl Model {
+    /// A fresh state with room for `n_ctx` positions.
+    pub fn new_state(&self, n_ctx: usize, kv_type: KvType) -> State {
+        let c = &self.config;
+        let (kw, vw) = (c.n_head_kv * c.head_dim_k, c.n_head_kv * c.head_dim_v);
+        State {
+            kv: KvCache {
+                ty: kv_type,
+                n_ctx,
+                k_width: kw,
+                v_width: vw,
+                k: (0..c.n_layer)
+                    .map(|_| KvBuf::new(kv_type, n_ctx * kw))
+                    .collect(),
+                v: (0..c.n_layer)
+                    .map(|_| KvBuf::new(kv_type, n_ctx * vw))
+                    .collect(),
+            },
+            n_past: 0,
+        }
+    }
+
+    fn mat<'a>(&'a self, w: &'a WeightRef) -> Mat<'a> {
+        w.mat(&self.gguf)
+    }
+
+    /// Runs `tokens` at positions n_past.., appending their keys/values to the cache. Returns the
+    /// logits, [n_tokens][n_vocab] when `all_logits`, else only the last token's [n_vocab].
+    pub fn eval(&self, state: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(Error::Invalid("eval needs at least one token".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is out of range (vocabulary has {} tokens)",
+                c.n_vocab
+            )));
+        }
+        if state.n_past + tokens.len() > state.kv.n_ctx {
+            return Err(Error::Invalid(format!(
+                "context is full: {} cached + {} new tokens > n_ctx {}",
+                state.n_past,
+                tokens.len(),
+                state.kv.n_ctx
+            )));
+        }
+        let mut logits = Vec::with_capacity(if all_logits { tokens.len() } else { 1 } * c.n_vocab);
+        let n_chunks = tokens.len().div_ceil(MAX_BATCH);
+        for (i, chunk) in tokens.chunks(MAX_BATCH).enumerate() {
+            let want = if all_logits {
+                Some(chunk.len())
+            } else if i + 1 == n_chunks {
+                Some(1)
+            } else {
+                None
+            };
+            self.eval_batch(state, chunk, want, &mut logits);
+        }
+        Ok(logits)
+    }
+
+    /// One batch: embeddings, every layer, then logits of the last `n_out` tokens (if any).
+    fn eval_batch(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
+        n_out: Option<usize>,
+        logits: &mut Vec<f32>,
+    ) {
+        let c = &self.config;
+        let (n, e) = (tokens.len(), c.n_embd);
+        let pos0 = state.n_past;
+
+        // Embedding lookup: one row of token_embd per token.
+        let embd = self.mat(&self.weights.token_embd);
+        let mut x = vec![0f32; n * e];
+        for (row, &t) in x.chunks_exact_mut(e).zip(tokens) {
+            embd.dequantize_row(t as usize, row);
+        }
+
+        // RoPE angles depend only on the position: compute them once for all layers.
+        let rope: Vec<(Vec<f32>, Vec<f32>)> = (0..n)
+            .map(|t| ops::rope_cos_sin(pos0 + t, c.head_dim_k, c.rope_theta))
+            .collect();
+
+        for (il, layer) in self.weights.layers.iter().enumerate() {
+            self.layer_forward(il, layer, &mut x, n, pos0, &rope, &mut state.kv);
+        }
+        state.n_past += n;
+
+        if let Some(n_out) = n_out {
+            // Final norm and output head for the last n_out tokens only.
+            let first = n - n_out;
+            let mut h = vec![0f32; n_out * e];
+            for (o, xr) in h.chunks_exact_mut(e).zip(x[first * e..].chunks_exact(e)) {
+                ops::rms_norm(xr, &self.weights.output_norm, c.rms_eps, o);
+            }
+            let mut out = vec![0f32; n_out * c.n_vocab];
+            matmul(&self.mat(&self.weights.output), &h, n_out, &mut out);
+            logits.extend_from_slice(&out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        il: usize,
+        layer: &Layer,
+        x: &mut [f32],
+        n: usize,
+        pos0: usize,
+        rope: &[(Vec<f32>, Vec<f32>)],
+        kv: &mut KvCache,
+    ) {
+        let c = &self.config;
+        let e = c.n_embd;
+        let (hk, hv) = (c.head_dim_k, c.head_dim_v);
+
+        // attention block: norm, projections
+        let h = rms_norm_rows(x, &layer.attn_norm, c.rms_eps);
+        let mut q = vec![0f32; n * c.n_head * hk];
+        let mut k = vec![0f32; n * kv.k_width];
+        let mut v = vec![0f32; n * kv.v_width];
+        matmul(&self.mat(&layer.attn_q), &h, n, &mut q);
+        matmul(&self.mat(&layer.attn_k), &h, n, &mut k);
+        matmul(&self.mat(&layer.attn_v), &h, n, &mut v);
+
+        // QK-norm: RMSNorm of every head of Q and K, then rotary embeddings.
+        ops::rms_norm_rows_in_place(&mut q, &layer.attn_q_norm, c.rms_eps);
+        ops::rms_norm_rows_in_place(&mut k, &layer.attn_k_norm, c.rms_eps);
+        for t in 0..n {
+            let (cos, sin) = &rope[t];
+            ops::rope_neox_in_place(&mut q[t * c.n_head * hk..(t + 1) * c.n_head * hk], cos, sin);
+            ops::rope_neox_in_place(&mut k[t * kv.k_width..(t + 1) * kv.k_width], cos, sin);
+        }
+
+        // Append this batch's keys and values to the cache, then attend over positions 0..=pos.
+        kv.k[il].write(pos0 * kv.k_width, &k);
+        kv.v[il].write(pos0 * kv.v_width, &v);
+        let n_kv = pos0 + n;
+        let keys = kv.k[il].prefix_f32(n_kv * kv.k_width);
+        let values = kv.v[il].prefix_f32(n_kv * kv.v_width);
+        let attn = attention(
+            &q,
+            &keys,
+            &values,
+            AttnShape {
+                n_head: c.n_head,
+                n_head_kv: c.n_head_kv,
+                head_dim_k: hk,
+                head_dim_v: hv,
+                pos0,
+            },
+        );
+
+        // output projection + residual
+        let mut o = vec![0f32; n * e];
+        matmul(&self.mat(&layer.attn_output), &attn, n, &mut o);
+        add_in_place(x, &o);
+
+        // feed-forward block + residual
+        let h = rms_norm_rows(x, &layer.ffn_norm, c.rms_eps);
+        let f = match &layer.ffn {
+            Ffn::Moe {
+                gate_inp,
+                gate_exps,
+                up_exps,
+                down_exps,
+            } => self.moe_ffn(&h, n, gate_inp, gate_exps, up_exps, down_exps),
+            Ffn::Dense { gate, up, down } => {
+                swiglu_ffn(&self.mat(gate), &self.mat(up), &self.mat(down), &h, n)
+            }
+        };
+        add_in_place(x, &f);
+    }
+
+    /// Sparse MoE: route each token to its top-k experts, then run every selected expert once over
+    /// all the tokens routed to it (its weights are read once per batch), summing with the weights.
+    fn moe_ffn(
+        &self,
+        h: &[f32],
+        n: usize,
+        gate_inp: &WeightRef,
+        gate_exps: &WeightRef,
+        up_exps: &WeightRef,
+        down_exps: &WeightRef,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let e = c.n_embd;
+        let mut router = vec![0f32; n * c.n_expert];
+        matmul(&self.mat(gate_inp), h, n, &mut router);
+
+        // tokens_of[expert] = [(token, weight)]
+        let mut tokens_of: Vec<Vec<(usize, f32)>> = vec![Vec::new(); c.n_expert];
+        for (t, logits) in router.chunks_exact(c.n_expert).enumerate() {
+            for (ex, w) in ops::route_top_k(logits, c.n_expert_used) {
+                tokens_of[ex].push((t, w));
+            }
+        }
+
+        let mut out = vec![0f32; n * e];
+        for (ex, routed) in tokens_of.iter().enumerate() {
+            if routed.is_empty() {
+                continue;
+            }
+            let m = routed.len();
+            let mut xs = Vec::with_capacity(m * e);
+            for &(t, _) in routed {
+                xs.extend_from_slice(&h[t * e..(t + 1) * e]);
+            }
+            let y = swiglu_ffn(
+                &gate_exps.expert(&self.gguf, ex),
+                &up_exps.expert(&self.gguf, ex),
+                &down_exps.expert(&self.gguf, ex),
+                &xs,
+                m,
+            );
+            for (i, &(t, w)) in routed.iter().enumerate() {
+                for (o, &yv) in out[t * e..(t + 1) * e]
+                    .iter_mut()
+                    .zip(&y[i * e..(i + 1) * e])
+                {
+                    *o += w * yv;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// down(silu(gate(x)) · up(x)) for `n` rows of x.
+fn swiglu_ffn(gate: &Mat, up: &Mat, down: &Mat, x: &[f32], n: usize) -> Vec<f32> {
+    let ff = gate.n_rows;
+    let mut g = vec![0f32; n * ff];
+    let mut u = vec![0f32; n * ff];
+    matmul(gate, x, n, &mut g);
+    matmul(up, x, n, &mut u);
+    ops::swiglu_in_place(&mut g, &u);
+    let mut y = vec![0f32; n * down.n_rows];
+    matmul(down, &g, n, &mut y);
+    y
+}
+
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (o, r) in out.chunks_exact_mut(w.len()).zip(x.chunks_exact(w.len())) {
+        ops::rms_norm(r, w, eps, o);
+    }
+    out
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[derive(Clone, Copy)]
+struct AttnShape {
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim_k: usize,
+    head_dim_v: usize,
+    /// Position of the first query token; query t sees keys 0..=pos0 + t (causal mask).
+    pos0: usize,
+}
+
+/// Causal grouped-query attention. `q` is [n][n_head·hk]; `keys`/`values` are [n_kv][n_head_kv·h]
+/// rows for positions 0..n_kv. Returns [n][n_head·hv]. Query head h reads KV head h / group.
+fn attention(q: &[f32], keys: &[f32], values: &[f32], s: AttnShape) -> Vec<f32> {
+    let (hk, hv) = (s.head_dim_k, s.head_dim_v);
+    let group = s.n_head / s.n_head_kv;
+    let (kw, vw) = (s.n_head_kv * hk, s.n_head_kv * hv);
+    let n = q.len() / (s.n_head * hk);
+    let scale = 1.0 / (hk as f32).sqrt();
+    let mut out = vec![0f32; n * s.n_head * hv];
+    out.par_chunks_mut(hv).enumerate().for_each(|(i, o)| {
+        let (t, h) = (i / s.n_head, i % s.n_head);
+        let g = h / group;
+        let qh = &q[(t * s.n_head + h) * hk..(t * s.n_head + h + 1) * hk];
+        let n_visible = s.pos0 + t + 1;
+        let mut scores: Vec<f32> = (0..n_visible)
+            .map(|j| dot(qh, &keys[j * kw + g * hk..j * kw + (g + 1) * hk]) * scale)
+            .collect();
+        ops::softmax_in_place(&mut scores);
+        for (j, &p) in scores.iter().enumerate() {
+            let vr = &values[j * vw + g * hv..j * vw + (g + 1) * hv];
+            for (a, &b) in o.iter_mut().zip(vr) {
+                *a += p * b;
+            }
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_single_key_returns_its_value_and_respects_groups() {
+        // 2 query heads sharing 1 KV head, one position: softmax over one key is 1.
+        let s = AttnShape {
+            n_head: 2,
+            n_head_kv: 1,
+            head_dim_k: 2,
+            head_dim_v: 2,
+            pos0: 0,
+        };
+        let out = attention(&[1.0, 0.0, 0.0, 1.0], &[3.0, 4.0], &[5.0, 6.0], s);
+        assert_eq!(out, vec![5.0, 6.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn attention_is_causal_and_weights_by_scores() {
+        // Two tokens, one head of dim 2; keys orthogonal, values distinct.
+        let s = AttnShape {
+            n_head: 1,
+            n_head_kv: 1,
+            head_dim_k: 2,
+            head_dim_v: 1,
+            pos0: 0,
+        };
+        let q = [1.0, 0.0, 2f32.sqrt() * 2f32.ln(), 0.0];
+        let out = attention(&q, &[1.0, 0.0, 0.0, 1.0], &[10.0, 20.0], s);
+        // token 0 sees only key 0
+        assert_eq!(out[0], 10.0);
+        // token 1: scores (ln 2, 0) → weights 2/3, 1/3
+        assert!((out[1] - (20.0 / 3.0 + 20.0 / 3.0)).abs() < 1e-4, "{out:?}");
+    }
+}

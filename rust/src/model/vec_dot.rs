@@ -1,0 +1,695 @@
+//! Quantized dot products: weight rows stay in their block format and meet activations quantized
+//! once per matmul call, like ggml's CPU backend (its `vec_dot_type`). This is both the fast path
+//! and what makes results track llama.cpp's closely.
+//!
+//! Q8_0 weights × Q8_0 activations: per block of 32, an exact int32 sum of int8 products scaled by
+//! the two f16 scales.
+
+use half::f16;
+
+use crate::quant::cpu;
+
+const QK: usize = 32;
+const BLOCK: usize = 34;
+
+/// Activations to Q8_0 the way ggml's CPU `quantize_row_q8_0` does on x86: d = amax/127 stored as
+/// f16, q = round-half-even(x · 127/amax).
+pub fn quantize_act_q8_0(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(BLOCK)) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        ob[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        for (q, &v) in ob[2..].iter_mut().zip(xb) {
+            *q = (v * id).round_ties_even() as i8 as u8;
+        }
+    }
+}
+
+#[inline]
+fn scale(b: &[u8]) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+}
+
+/// Σ over blocks of d_w·d_a·Σ q_w·q_a for two Q8_0 rows of equal length.
+#[inline]
+pub fn vec_dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = cpu::features();
+        if f.avx2 && f.fma && f.f16c {
+            // SAFETY: AVX2, FMA and F16C are present (checked at run time just above).
+            return unsafe { avx2::vec_dot_q8_0(w, a) };
+        }
+    }
+    vec_dot_q8_0_scalar(w, a)
+}
+
+/// One Q8_0 weight row against four activation rows: the weight blocks are loaded once.
+#[inline]
+pub fn vec_dot_q8_0_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = cpu::features();
+        if f.avx2 && f.fma && f.f16c {
+            // SAFETY: AVX2, FMA and F16C are present (checked at run time just above).
+            return unsafe { avx2::vec_dot_q8_0_x4(w, a) };
+        }
+    }
+    a.map(|ai| vec_dot_q8_0_scalar(w, ai))
+}
+
+pub fn vec_dot_q8_0_scalar(w: &[u8], a: &[u8]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(BLOCK).zip(a.chunks_exact(BLOCK)) {
+        let sumi: i32 = wb[2..]
+            .iter()
+            .zip(&ab[2..])
+            .map(|(&p, &q)| (p as i8 as i32) * (q as i8 as i32))
+            .sum();
+        sum += scale(wb) * scale(ab) * sumi as f32;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::BLOCK;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn vec_dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
+        let n = w.len().min(a.len()) / BLOCK;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..n {
+            let (wb, ab) = (w.as_ptr().add(b * BLOCK), a.as_ptr().add(b * BLOCK));
+            let d = f16_scale(wb) * f16_scale(ab);
+            let qw = _mm256_loadu_si256(wb.add(2) as *const __m256i);
+            let qa = _mm256_loadu_si256(ab.add(2) as *const __m256i);
+            // maddubs needs an unsigned operand: |w| times a with w's sign moved onto a.
+            let abs_w = _mm256_sign_epi8(qw, qw);
+            let signed_a = _mm256_sign_epi8(qa, qw);
+            let pairs = _mm256_maddubs_epi16(abs_w, signed_a); // |q| <= 127: no saturation
+            let quads = _mm256_madd_epi16(pairs, ones);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(quads), acc);
+        }
+        let lo = _mm256_castps256_ps128(acc);
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let q = _mm_add_ps(lo, hi);
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        _mm_cvtss_f32(q)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
+    }
+
+    /// Exact Σ a_i·b_i of 32 int8 pairs (|a_i| <= 127 so maddubs cannot saturate).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn int_dot32(a: *const u8, b: *const u8) -> i32 {
+        let qa = _mm256_loadu_si256(a as *const __m256i);
+        let qb = _mm256_loadu_si256(b as *const __m256i);
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(qa, qa), _mm256_sign_epi8(qb, qa));
+        let quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+        let q = _mm_add_epi32(
+            _mm256_castsi256_si128(quads),
+            _mm256_extracti128_si256(quads, 1),
+        );
+        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b01_00_11_10));
+        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b10_11_00_01));
+        _mm_cvtsi128_si32(q)
+    }
+
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    pub unsafe fn f16_scale(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]) as i32;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn vec_dot_q8_0_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+        let n = w.len() / BLOCK;
+        debug_assert!(a.iter().all(|ai| ai.len() >= n * BLOCK));
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..n {
+            let wb = w.as_ptr().add(b * BLOCK);
+            let dw = f16_scale(wb);
+            let qw = _mm256_loadu_si256(wb.add(2) as *const __m256i);
+            let abs_w = _mm256_sign_epi8(qw, qw);
+            for j in 0..4 {
+                let ab = a[j].as_ptr().add(b * BLOCK);
+                let qa = _mm256_loadu_si256(ab.add(2) as *const __m256i);
+                let pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(qa, qw));
+                let quads = _mm256_madd_epi16(pairs, ones);
+                let d = _mm256_set1_ps(dw * f16_scale(ab));
+                acc[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(quads), acc[j]);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
+    use crate::quant::iq_tables::KVALUES_IQ4NL;
+
+    /// 32 nibbles of a 16-byte array: low nibbles in the low 128 bits (elements 0..16), high ones
+    /// in the high 128 bits (16..32).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles(qs: *const u8) -> __m256i {
+        let v = _mm_loadu_si128(qs as *const __m128i);
+        let lo = _mm_and_si128(v, _mm_set1_epi8(0x0f));
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0f));
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// 0x10 in byte j where bit j of the little-endian u32 at `qh` is set (the Q5 fifth bits).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn fifth_bits(qh: *const u8) -> __m256i {
+        let bits = u32::from_le_bytes([*qh, *qh.add(1), *qh.add(2), *qh.add(3)]);
+        let v = _mm256_set1_epi32(bits as i32);
+        let spread = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        );
+        let bytes = _mm256_shuffle_epi8(v, spread);
+        let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, mask), mask);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dec_q4_0(b: *const u8) -> __m256i {
+        _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dec_q4_1(b: *const u8) -> __m256i {
+        nibbles(b.add(4))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dec_q5_0(b: *const u8) -> __m256i {
+        let q = _mm256_or_si256(nibbles(b.add(6)), fifth_bits(b.add(2)));
+        _mm256_sub_epi8(q, _mm256_set1_epi8(16))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dec_q5_1(b: *const u8) -> __m256i {
+        _mm256_or_si256(nibbles(b.add(8)), fifth_bits(b.add(4)))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dec_iq4_nl(b: *const u8) -> __m256i {
+        let table = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+        _mm256_shuffle_epi8(_mm256_set_m128i(table, table), nibbles(b.add(2)))
+    }
+
+    // (weight block bytes, activation block bytes, offset type?, decoder) → one-row and 4-row
+    // kernels whose float steps match `block_term` exactly.
+    /// The 8 int32 lane sums of a decoded block times 32 int8 activations (exact).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_lanes(w: __m256i, a: *const u8) -> __m256 {
+        let qa = _mm256_loadu_si256(a as *const __m256i);
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(qa, w));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    // (weight block bytes, activation block bytes, offset type?, decoder) → one-row and 4-row
+    // kernels. Like ggml's AVX2 loops: 8 float lanes scaled by d_w·d_a per block, the offset terms
+    // m·s summed apart; both kernels add in the same order (so batching never changes a result).
+    macro_rules! int_kernels {
+        ($dot:ident, $dot_x4:ident, $wb:expr, $ab:expr, $offset:expr, $dec:ident) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $dot(w: &[u8], a: &[u8]) -> f32 {
+                let n = w.len() / $wb;
+                debug_assert!(a.len() >= n * $ab);
+                let mut acc = _mm256_setzero_ps();
+                let mut offsets = 0f32;
+                for b in 0..n {
+                    let (wb, ab) = (w.as_ptr().add(b * $wb), a.as_ptr().add(b * $ab));
+                    let q = $dec(wb);
+                    let d = _mm256_set1_ps(f16_scale(wb) * f16_scale(ab));
+                    let lanes = block_lanes(q, ab.add(if $offset { 4 } else { 2 }));
+                    acc = _mm256_fmadd_ps(d, lanes, acc);
+                    if $offset {
+                        offsets += f16_scale(wb.add(2)) * f16_scale(ab.add(2));
+                    }
+                }
+                hsum(acc) + offsets
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $dot_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+                let n = w.len() / $wb;
+                debug_assert!(a.iter().all(|ai| ai.len() >= n * $ab));
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut offsets = [0f32; 4];
+                for b in 0..n {
+                    let wb = w.as_ptr().add(b * $wb);
+                    let (q, dw) = ($dec(wb), f16_scale(wb));
+                    for j in 0..4 {
+                        let ab = a[j].as_ptr().add(b * $ab);
+                        let d = _mm256_set1_ps(dw * f16_scale(ab));
+                        let lanes = block_lanes(q, ab.add(if $offset { 4 } else { 2 }));
+                        acc[j] = _mm256_fmadd_ps(d, lanes, acc[j]);
+                        if $offset {
+                            offsets[j] += f16_scale(wb.add(2)) * f16_scale(ab.add(2));
+                        }
+                    }
+                }
+                [0, 1, 2, 3].map(|j| hsum(acc[j]) + offsets[j])
+            }
+        };
+    }
+
+    int_kernels!(dot_q4_0, dot_q4_0_x4, 18, super::BLOCK, false, dec_q4_0);
+    int_kernels!(dot_q4_1, dot_q4_1_x4, 20, super::Q8_1_BLOCK, true, dec_q4_1);
+    int_kernels!(dot_q5_0, dot_q5_0_x4, 22, super::BLOCK, false, dec_q5_0);
+    int_kernels!(dot_q5_1, dot_q5_1_x4, 24, super::Q8_1_BLOCK, true, dec_q5_1);
+    int_kernels!(
+        dot_iq4_nl,
+        dot_iq4_nl_x4,
+        18,
+        super::BLOCK,
+        false,
+        dec_iq4_nl
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{self, testdata};
+    use crate::types::GgmlType;
+
+    #[test]
+    fn simd_matches_scalar_and_dequantized_dot() {
+        let n = 32 * 9;
+        let w = testdata::heavy_tailed(1, n);
+        let x = testdata::heavy_tailed(2, n);
+        let wq = quant::quantize("w", &w, n, GgmlType::Q8_0, None).unwrap();
+        let mut xq = vec![0u8; n / 32 * 34];
+        quantize_act_q8_0(&x, &mut xq);
+        let (fast, slow) = (vec_dot_q8_0(&wq, &xq), vec_dot_q8_0_scalar(&wq, &xq));
+        let wd = quant::dequantize("w", &wq, n, GgmlType::Q8_0).unwrap();
+        let xd = quant::dequantize("x", &xq, n, GgmlType::Q8_0).unwrap();
+        let exact: f64 = wd.iter().zip(&xd).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let mag: f64 = wd
+            .iter()
+            .zip(&xd)
+            .map(|(a, b)| (*a as f64 * *b as f64).abs())
+            .sum();
+        assert!(
+            (fast as f64 - exact).abs() <= 1e-5 * mag,
+            "{fast} vs {exact}"
+        );
+        assert!(
+            (slow as f64 - exact).abs() <= 1e-5 * mag,
+            "{slow} vs {exact}"
+        );
+    }
+
+    #[test]
+    fn activation_quantizer_rounds_half_to_even() {
+        // amax 127 → id 1: 0.5 → 0, 1.5 → 2, 2.5 → 2, -0.5 → 0
+        let mut x = [0f32; 32];
+        x[0] = 127.0;
+        x[1] = 0.5;
+        x[2] = 1.5;
+        x[3] = 2.5;
+        x[4] = -0.5;
+        let mut q = [0u8; 34];
+        quantize_act_q8_0(&x, &mut q);
+        assert_eq!(scale(&q), 1.0);
+        assert_eq!(&q[2..7], &[127, 0, 2, 2, 0]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The other 32-element types against Q8_0 / Q8_1 activations, as ggml pairs them
+// (Q4_0, Q5_0, IQ4_NL with Q8_0; Q4_1, Q5_1 with Q8_1 whose `s` carries d·Σq for the offset).
+// Each weight block is decoded to integers once, then meets the activations' int8 values exactly;
+// only the per-block float scaling differs from ggml's lane order (~1e-7 relative).
+
+const Q8_1_BLOCK: usize = 36;
+
+/// Activations to Q8_1 as ggml's x86 `quantize_row_q8_1`: Q8_0's rounding, plus s = d·Σq (f16).
+pub fn quantize_act_q8_1(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q8_1_BLOCK)) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in ob[4..].iter_mut().zip(xb) {
+            let qi = (v * id).round_ties_even() as i8;
+            sum += qi as i32;
+            *q = qi as u8;
+        }
+        ob[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        ob[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_bits().to_le_bytes());
+    }
+}
+
+/// A weight block as integers: value_i = d·q_i + m.
+struct Decoded {
+    d: f32,
+    m: f32,
+    q: [i8; QK],
+}
+
+/// How one weight type's block decodes, and which activation format it meets.
+trait IntBlock {
+    const BYTES: usize;
+    /// true: Q8_1 activations (the block has an offset m), false: Q8_0.
+    const WITH_OFFSET: bool;
+    fn decode(b: &[u8]) -> Decoded;
+}
+
+/// Nibble j of a 16-byte packed array: low nibbles hold elements 0..16, high ones 16..32.
+#[inline]
+fn nibble(qs: &[u8], j: usize) -> u8 {
+    if j < 16 {
+        qs[j] & 0x0f
+    } else {
+        qs[j - 16] >> 4
+    }
+}
+
+/// All 32 nibbles at once, mapped through `f` (no per-element branch).
+#[inline]
+fn nibbles(qs: &[u8], f: impl Fn(u8) -> i8) -> [i8; QK] {
+    let mut q = [0i8; QK];
+    for j in 0..16 {
+        q[j] = f(qs[j] & 0x0f);
+        q[j + 16] = f(qs[j] >> 4);
+    }
+    q
+}
+
+struct Q4_0;
+struct Q4_1;
+struct Q5_0;
+struct Q5_1;
+struct Iq4Nl;
+
+impl IntBlock for Q4_0 {
+    const BYTES: usize = 18;
+    const WITH_OFFSET: bool = false;
+    fn decode(b: &[u8]) -> Decoded {
+        Decoded {
+            d: scale_fast(b),
+            m: 0.0,
+            q: nibbles(&b[2..18], |v| v as i8 - 8),
+        }
+    }
+}
+
+impl IntBlock for Q4_1 {
+    const BYTES: usize = 20;
+    const WITH_OFFSET: bool = true;
+    fn decode(b: &[u8]) -> Decoded {
+        Decoded {
+            d: scale_fast(b),
+            m: scale_fast(&b[2..]),
+            q: nibbles(&b[4..20], |v| v as i8),
+        }
+    }
+}
+
+/// Q5 blocks: 4 low bits in nibbles, the fifth bit j in bit j of the little-endian u32 `qh`.
+#[inline]
+fn five_bit(qh: u32, qs: &[u8], j: usize) -> u8 {
+    nibble(qs, j) | ((((qh >> j) & 1) as u8) << 4)
+}
+
+impl IntBlock for Q5_0 {
+    const BYTES: usize = 22;
+    const WITH_OFFSET: bool = false;
+    fn decode(b: &[u8]) -> Decoded {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        Decoded {
+            d: scale_fast(b),
+            m: 0.0,
+            q: std::array::from_fn(|j| five_bit(qh, &b[6..], j) as i8 - 16),
+        }
+    }
+}
+
+impl IntBlock for Q5_1 {
+    const BYTES: usize = 24;
+    const WITH_OFFSET: bool = true;
+    fn decode(b: &[u8]) -> Decoded {
+        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        Decoded {
+            d: scale_fast(b),
+            m: scale_fast(&b[2..]),
+            q: std::array::from_fn(|j| five_bit(qh, &b[8..], j) as i8),
+        }
+    }
+}
+
+impl IntBlock for Iq4Nl {
+    const BYTES: usize = 18;
+    const WITH_OFFSET: bool = false;
+    fn decode(b: &[u8]) -> Decoded {
+        use crate::quant::iq_tables::KVALUES_IQ4NL;
+        Decoded {
+            d: scale_fast(b),
+            m: 0.0,
+            q: nibbles(&b[2..18], |v| KVALUES_IQ4NL[v as usize]),
+        }
+    }
+}
+
+/// Σ w_i·a_i over 32 int8 pairs (exact in any order).
+#[inline]
+fn int_dot(w: &[i8; QK], a: &[u8]) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cpu::has_avx2() {
+            // SAFETY: AVX2 is present (checked just above); both hold 32 bytes.
+            return unsafe { avx2::int_dot32(w.as_ptr() as *const u8, a[..QK].as_ptr()) };
+        }
+    }
+    w.iter()
+        .zip(&a[..QK])
+        .map(|(&p, &q)| p as i32 * q as i8 as i32)
+        .sum()
+}
+
+/// An f16 scale stored at the start of `b`.
+#[inline]
+fn scale_fast(b: &[u8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cpu::features().f16c {
+            // SAFETY: F16C is present (checked just above); b holds at least 2 bytes.
+            return unsafe { avx2::f16_scale(b[..2].as_ptr()) };
+        }
+    }
+    scale(b)
+}
+
+/// One block's contribution: (d_w·d_a·Σq_w·q_a, m_w·s_a); the offset term is summed apart, as
+/// ggml does (0 for types without an offset).
+#[inline]
+fn block_term<B: IntBlock>(dec: &Decoded, a: &[u8]) -> (f32, f32) {
+    if B::WITH_OFFSET {
+        let sumi = int_dot(&dec.q, &a[4..]);
+        (
+            dec.d * scale_fast(a) * sumi as f32,
+            dec.m * scale_fast(&a[2..]),
+        )
+    } else {
+        let sumi = int_dot(&dec.q, &a[2..]);
+        (dec.d * scale_fast(a) * sumi as f32, 0.0)
+    }
+}
+
+fn act_bytes<B: IntBlock>() -> usize {
+    if B::WITH_OFFSET {
+        Q8_1_BLOCK
+    } else {
+        BLOCK
+    }
+}
+
+fn vec_dot_int<B: IntBlock>(w: &[u8], a: &[u8]) -> f32 {
+    let ab = act_bytes::<B>();
+    let (mut sum, mut offsets) = (0f32, 0f32);
+    for (wb, abk) in w.chunks_exact(B::BYTES).zip(a.chunks_exact(ab)) {
+        let (main, offset) = block_term::<B>(&B::decode(wb), abk);
+        sum += main;
+        offsets += offset;
+    }
+    sum + offsets
+}
+
+/// Four activation rows: each weight block is decoded once. Same additions as `vec_dot_int`.
+fn vec_dot_int_x4<B: IntBlock>(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let ab = act_bytes::<B>();
+    let (mut sum, mut offsets) = ([0f32; 4], [0f32; 4]);
+    for (i, wb) in w.chunks_exact(B::BYTES).enumerate() {
+        let dec = B::decode(wb);
+        for j in 0..4 {
+            let (main, offset) = block_term::<B>(&dec, &a[j][i * ab..(i + 1) * ab]);
+            sum[j] += main;
+            offsets[j] += offset;
+        }
+    }
+    [0, 1, 2, 3].map(|j| sum[j] + offsets[j])
+}
+
+/// (activation bytes per 32 values, quantizer, dot, 4-row dot) for the legacy/IQ4_NL types.
+pub type IntKernels = (
+    usize,
+    fn(&[f32], &mut [u8]),
+    fn(&[u8], &[u8]) -> f32,
+    fn(&[u8], [&[u8]; 4]) -> [f32; 4],
+);
+
+fn int_kernels<B: IntBlock>() -> IntKernels {
+    let q: fn(&[f32], &mut [u8]) = if B::WITH_OFFSET {
+        quantize_act_q8_1
+    } else {
+        quantize_act_q8_0
+    };
+    (act_bytes::<B>(), q, vec_dot_int::<B>, vec_dot_int_x4::<B>)
+}
+
+/// The same sums with the weight blocks decoded in AVX2 registers, accumulated in 8 float lanes as
+/// ggml's AVX2 kernels do (equal to the portable sums up to float rounding order).
+#[cfg(target_arch = "x86_64")]
+fn int_kernels_avx2(ty: crate::types::GgmlType) -> Option<IntKernels> {
+    use crate::types::GgmlType as T;
+    let f = cpu::features();
+    if !(f.avx2 && f.fma && f.f16c) {
+        return None;
+    }
+    // SAFETY (every closure): AVX2, FMA and F16C are present, checked just above.
+    Some(match ty {
+        T::Q4_0 => (
+            BLOCK,
+            quantize_act_q8_0,
+            |w, a| unsafe { avx2::dot_q4_0(w, a) },
+            |w, a| unsafe { avx2::dot_q4_0_x4(w, a) },
+        ),
+        T::Q4_1 => (
+            Q8_1_BLOCK,
+            quantize_act_q8_1,
+            |w, a| unsafe { avx2::dot_q4_1(w, a) },
+            |w, a| unsafe { avx2::dot_q4_1_x4(w, a) },
+        ),
+        T::Q5_0 => (
+            BLOCK,
+            quantize_act_q8_0,
+            |w, a| unsafe { avx2::dot_q5_0(w, a) },
+            |w, a| unsafe { avx2::dot_q5_0_x4(w, a) },
+        ),
+        T::Q5_1 => (
+            Q8_1_BLOCK,
+            quantize_act_q8_1,
+            |w, a| unsafe { avx2::dot_q5_1(w, a) },
+            |w, a| unsafe { avx2::dot_q5_1_x4(w, a) },
+        ),
+        T::IQ4_NL => (
+            BLOCK,
+            quantize_act_q8_0,
+            |w, a| unsafe { avx2::dot_iq4_nl(w, a) },
+            |w, a| unsafe { avx2::dot_iq4_nl_x4(w, a) },
+        ),
+        _ => return None,
+    })
+}
+
+pub fn legacy_kernels(ty: crate::types::GgmlType) -> Option<IntKernels> {
+    use crate::types::GgmlType as T;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = int_kernels_avx2(ty) {
+        return Some(k);
+    }
+    match ty {
+        T::Q4_0 => Some(int_kernels::<Q4_0>()),
+        T::Q4_1 => Some(int_kernels::<Q4_1>()),
+        T::Q5_0 => Some(int_kernels::<Q5_0>()),
+        T::Q5_1 => Some(int_kernels::<Q5_1>()),
+        T::IQ4_NL => Some(int_kernels::<Iq4Nl>()),
+        _ => None,
+    }
+}
+
+/// The portable kernels, for comparing the AVX2 ones against.
+#[cfg(test)]
+fn legacy_kernels_portable(ty: crate::types::GgmlType) -> Option<IntKernels> {
+    use crate::types::GgmlType as T;
+    match ty {
+        T::Q4_0 => Some(int_kernels::<Q4_0>()),
+        T::Q4_1 => Some(int_kernels::<Q4_1>()),
+        T::Q5_0 => Some(int_kernels::<Q5_0>()),
+        T::Q5_1 => Some(int_kernels::<Q5_1>()),
+        T::IQ4_NL => Some(int_kernels::<Iq4Nl>()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod legacy_tests {
+    use super::*;
+    use crate::quant::{self, testdata};
+    use crate::types::GgmlType;
+
+    #[test]
+    fn decoded_blocks_match_the_dequantizers_and_dots_are_exact_in_integers() {
+        let n = 32 * 6;
+        let w = testdata::heavy_tailed(21, n);
+        let x = testdata::heavy_tailed(22, n);
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::IQ4_NL,
+        ] {
+            let (ab, quantize_act, dot, dot_x4) = legacy_kernels(ty).unwrap();
+            let wq = quant::quantize("w", &w, n, ty, None).unwrap();
+            let mut xq = vec![0u8; n / 32 * ab];
+            quantize_act(&x, &mut xq);
+            // reference: the dequantized weights times the activations' own values
+            let wd = quant::dequantize("w", &wq, n, ty).unwrap();
+            let (mut exact, mut mag) = (0f64, 0f64);
+            for (k, blk) in xq.chunks_exact(ab).enumerate() {
+                let d = scale(blk) as f64;
+                let qs = &blk[ab - 32..];
+                for j in 0..32 {
+                    let p = wd[k * 32 + j] as f64 * d * (qs[j] as i8) as f64;
+                    exact += p;
+                    mag += p.abs();
+                }
+            }
+            let got = dot(&wq, &xq);
+            // Offset types use the f16-rounded s = d·Σq, as ggml does: allow that rounding.
+            assert!(
+                (got as f64 - exact).abs() <= 2e-3 * mag,
+                "{ty}: {got} vs {exact}"
+            );
+            let four = dot_x4(&wq, [&xq; 4]);
+            assert!(four.iter().all(|v| v.to_bits() == got.to_bits()), "{ty}");
+            // the AVX2 kernels add in ggml's lane order: equal to the portable ones up to rounding
+            let (_, _, portable, _) = legacy_kernels_portable(ty).unwrap();
+            let p = portable(&wq, &xq);
+            assert!((p - got).abs() as f64 <= 1e-5 * mag, "{ty}: {p} vs {got}");
+        }
+    }
+}
