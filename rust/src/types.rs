@@ -124,7 +124,7 @@ impl GgmlType {
             Q5_0 => (32, 22),
             Q5_1 => (32, 24),
             Q8_0 => (32, 34),
-            Q8_1 => (32, 40),
+            Q8_1 => (32, 36), // ggml: ggml_half2 ds + 32 x i8 (gguf-py lists 40)
             Q2_K => (QK_K, 84),
             Q3_K => (QK_K, 110),
             Q4_K => (QK_K, 144),
