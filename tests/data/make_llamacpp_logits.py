@@ -37,7 +37,7 @@ def llamacpp_logits(qtype: str, tokens: np.ndarray) -> tuple[np.ndarray, str]:
 
     with tempfile.TemporaryDirectory() as d:
         q = Path(d) / f"tiny-{qtype.lower()}.gguf"
-        _core.quantize_model(str(HERE / "tiny-qwen3moe-f32.gguf"), str(q), qtype)
+        _core.quantize_model(str(HERE / "tiny-qwen3moe-f32.gguf"), str(q), qtype, pure=True)
         digest = hashlib.sha256(q.read_bytes()).hexdigest()
         llm = llama_cpp.Llama(
             model_path=str(q),
