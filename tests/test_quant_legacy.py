@@ -182,6 +182,7 @@ def test_output_independent_of_thread_count(tmp_path: Path) -> None:
         env = {**os.environ, "RAYON_NUM_THREADS": n}
         out = subprocess.run(
             [sys.executable, "-c", script, str(tmp_path / "x.npy"), str(tmp_path / "w.npy")],
+            cwd=tmp_path,  # keep the source tree's pyqmoe/ (no compiled _core) off sys.path
             env=env,
             capture_output=True,
             text=True,
