@@ -92,9 +92,10 @@ def worker(x_path: str, w_path: str, repeats: str, nthreads: str, types: list[st
 
     x, w = np.load(x_path), np.load(w_path)
     # Let thread pools, page mappings and clock speed settle before anything is timed.
+    warm_w = w if llamacpp_ref.requires_imatrix(types[0]) else None  # IQ2_XXS etc. need one
     for _ in range(5):
-        pyqmoe.quantize(x, types[0])
-        llamacpp_ref.quantize(types[0], x, nthreads=int(nthreads))
+        pyqmoe.quantize(x, types[0], warm_w)
+        llamacpp_ref.quantize(types[0], x, imatrix=warm_w, nthreads=int(nthreads))
     res = {}
     for t in types:
         for use_w in modes(t):
@@ -202,7 +203,8 @@ def main() -> None:
         skipped = sorted(set(args.types) - set(types))
         if skipped:
             print(f"# {label}: row length {x.shape[1]} does not fit the blocks of {skipped}; skipped")
-        rows += bench(label, x, w, types, args.repeats)
+        if types:
+            rows += bench(label, x, w, types, args.repeats)
 
     header = (
         f"pyqmoe {pyqmoe.__version__} ({pyqmoe._core.cpu_features()}) vs llama.cpp "

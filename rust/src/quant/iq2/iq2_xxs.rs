@@ -37,12 +37,7 @@ impl BlockQuant for Iq2Xxs {
             .zip(dst.chunks_exact_mut(QK_K))
         {
             let d = f16_value(x[0], x[1]);
-            for (ib, (q, yb)) in x[2..]
-                .chunks_exact(8)
-                .zip(y.chunks_exact_mut(32))
-                .enumerate()
-            {
-                let _ = ib;
+            for (q, yb) in x[2..].chunks_exact(8).zip(y.chunks_exact_mut(32)) {
                 let aux = u32::from_le_bytes([q[4], q[5], q[6], q[7]]);
                 let db = d * (0.5 + (aux >> 28) as f32) * 0.25;
                 for (l, yg) in yb.chunks_exact_mut(8).enumerate() {
