@@ -215,7 +215,10 @@ mod tests {
         assert!(c.stats.is_empty());
         c.dense("blk.0.attn_q.weight", &[2.0; 2 * 16], 2);
         let s = &c.stats["blk.0.attn_q.weight"];
-        assert_eq!((s.sums2.clone(), s.counts.clone()), (vec![64.0; 2], vec![16]));
+        assert_eq!(
+            (s.sums2.clone(), s.counts.clone()),
+            (vec![64.0; 2], vec![16])
+        );
     }
 
     #[test]
@@ -239,7 +242,10 @@ mod tests {
                 m.get("blk.0.ffn_up_exps.weight"),
                 Some(&[1.0f32, 1.0, 9.0, 1.0, 1.0, 1.0][..])
             );
-            assert_eq!((m.chunk_count, m.datasets.clone()), (1, vec!["corpus.txt".into()]));
+            assert_eq!(
+                (m.chunk_count, m.datasets.clone()),
+                (1, vec!["corpus.txt".into()])
+            );
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -294,12 +294,7 @@ impl Model {
                 gate_exps,
                 up_exps,
                 down_exps,
-            } => self.moe_ffn(
-                &h,
-                n,
-                [gate_inp, gate_exps, up_exps, down_exps],
-                collector,
-            ),
+            } => self.moe_ffn(&h, n, [gate_inp, gate_exps, up_exps, down_exps], collector),
             Ffn::Dense { gate, up, down } => swiglu_ffn(
                 [&self.mat(gate), &self.mat(up), &self.mat(down)],
                 &h,
@@ -353,7 +348,9 @@ impl Model {
                 ],
                 &xs,
                 m,
-                collector.as_deref_mut().map(|col| (col, Some((ex, c.n_expert)))),
+                collector
+                    .as_deref_mut()
+                    .map(|col| (col, Some((ex, c.n_expert)))),
             );
             for (i, &(t, w)) in routed.iter().enumerate() {
                 for (o, &yv) in out[t * e..(t + 1) * e]
