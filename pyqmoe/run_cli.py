@@ -144,6 +144,8 @@ def imatrix(model_path, text_file, output, chunks, ctx, threads):
     n_train = meta.get(f"{meta.get('general.architecture')}.context_length")
     if ctx < 2 or (n_train and ctx > n_train):
         raise click.ClickException(f"--ctx must be between 2 and the model's context {n_train}, not {ctx}")
+    if not Path(output).resolve().parent.is_dir():
+        raise click.ClickException(f"-o/--output: the folder of {output} does not exist")
     legacy = Path(output).suffix.lower() == ".dat"
 
     m = Model(path, threads=threads, n_ctx=ctx)
@@ -164,6 +166,9 @@ def imatrix(model_path, text_file, output, chunks, ctx, threads):
         if bos is not None:
             chunk[0] = bos  # llama-imatrix starts every chunk with BOS when the model uses one
         m._engine.imatrix_chunk(chunk)
-    m._engine.imatrix_save(str(output), ctx, str(text_file), legacy)
+    try:
+        m._engine.imatrix_save(str(output), ctx, str(text_file), legacy)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"-o/--output: {e}") from None
     fmt = "legacy .dat" if legacy else "GGUF"
     click.echo(f"wrote {output} ({fmt}, {n_chunk} chunks of {ctx} tokens)", err=True)

@@ -176,6 +176,7 @@ def test_bad_options_fail_in_one_line(tmp_path):
         (["--ctx", 4096, "-f", CORPUS], "--ctx"),
         (["--ctx", 64, "-f", short], "--ctx"),
         (["--chunks", 0, "-f", CORPUS], "--chunks"),
+        (["-f", tmp_path / "missing.txt"], "--file"),
     ]
     for args, opt in cases:
         p = run("imatrix", "-m", MODEL, *args, "-o", tmp_path / "x.gguf", check=False)
@@ -183,3 +184,7 @@ def test_bad_options_fail_in_one_line(tmp_path):
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and opt in lines[0], p.stderr
     assert not (tmp_path / "x.gguf").exists()
+    p = run(
+        "imatrix", "-m", MODEL, "-f", CORPUS, "--ctx", 64, "--chunks", 1, "-o", tmp_path / "no" / "x.dat", check=False
+    )
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "--output" in p.stderr, p.stderr
