@@ -301,12 +301,13 @@ def models_path():
     click.echo(str(default_model_path()))
 
 
-# Running a model (generate / chat / bench) lives in run_cli.py.
-from .run_cli import bench, chat, generate  # noqa: E402
+# Running a model (generate / chat / bench / imatrix) lives in run_cli.py.
+from .run_cli import bench, chat, generate, imatrix  # noqa: E402
 
 main.add_command(generate)
 main.add_command(chat)
 main.add_command(bench)
+main.add_command(imatrix)
 
 
 if __name__ == "__main__":

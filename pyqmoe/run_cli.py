@@ -1,9 +1,10 @@
-"""`pyqmoe generate`, `pyqmoe chat` and `pyqmoe bench`: the commands that run a model."""
+"""`pyqmoe generate`, `chat`, `bench` and `imatrix`: the commands that run a model."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -111,3 +112,63 @@ def bench(model_path, n_prompt, n_gen, threads, repetitions, as_json):
         click.echo(f"pp{n_prompt}: {r['pp_tok_s']:10.2f} tok/s")
     if r["tg_tok_s"] is not None:
         click.echo(f"tg{n_gen}: {r['tg_tok_s']:10.2f} tok/s")
+
+
+@click.command()
+@_model_option
+@click.option("-f", "--file", "text_file", required=True, type=click.Path(dir_okay=False), help="Calibration text.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output: .dat (legacy) or .gguf.")
+@click.option("--chunks", type=int, default=None, help="Use at most this many chunks (default: all).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
+@_threads_option
+def imatrix(model_path, text_file, output, chunks, ctx, threads):
+    """Importance matrix of the model over a text, as llama.cpp's llama-imatrix computes it.
+
+    The text is cut into --ctx-token chunks, each evaluated from an empty KV cache; every weight
+    multiply of the layers records the sum of its squared inputs per column and its token count
+    (for experts: per expert, over the tokens routed to it). Written in llama.cpp's legacy format
+    for a .dat OUTPUT, else in its GGUF imatrix format.
+    """
+    from tqdm import tqdm
+
+    from .gguf_file import GGUFFile
+    from .model import Model
+    from .models import default_model_path
+
+    path = Path(model_path) if model_path else default_model_path()
+    if chunks is not None and chunks < 1:
+        raise click.ClickException(f"--chunks must be at least 1, not {chunks}")
+    if not Path(text_file).is_file():
+        raise click.ClickException(f"-f/--file: {text_file} is not a readable file")
+    meta = GGUFFile(path).metadata
+    n_train = meta.get(f"{meta.get('general.architecture')}.context_length")
+    if ctx < 2 or (n_train and ctx > n_train):
+        raise click.ClickException(f"--ctx must be between 2 and the model's context {n_train}, not {ctx}")
+    if not Path(output).resolve().parent.is_dir():
+        raise click.ClickException(f"-o/--output: the folder of {output} does not exist")
+    legacy = Path(output).suffix.lower() == ".dat"
+
+    m = Model(path, threads=threads, n_ctx=ctx)
+    with open(text_file, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    # llama.cpp's -f drops one trailing newline; it tokenizes with BOS (if the model wants it) and
+    # without parsing special-token text.
+    text = text[:-1] if text.endswith("\n") else text
+    tokens = m.tokenize(text, special=False)
+    if len(tokens) < 2 * ctx:
+        raise click.ClickException(
+            f"-f/--file: {text_file} has {len(tokens)} tokens; --ctx {ctx} needs at least {2 * ctx}"
+        )
+    n_chunk = len(tokens) // ctx if chunks is None else min(chunks, len(tokens) // ctx)
+    bos = m.tokenizer.bos_id if m.tokenizer.add_bos else None
+    for i in tqdm(range(n_chunk), desc="imatrix", unit="chunk", dynamic_ncols=True):
+        chunk = tokens[i * ctx : (i + 1) * ctx]
+        if bos is not None:
+            chunk[0] = bos  # llama-imatrix starts every chunk with BOS when the model uses one
+        m._engine.imatrix_chunk(chunk)
+    try:
+        m._engine.imatrix_save(str(output), ctx, str(text_file), legacy)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"-o/--output: {e}") from None
+    fmt = "legacy .dat" if legacy else "GGUF"
+    click.echo(f"wrote {output} ({fmt}, {n_chunk} chunks of {ctx} tokens)", err=True)

@@ -8,7 +8,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use pyqmoe_core::model::{KvType, Model, Sampler as CoreSampler, SamplingParams, State};
+use pyqmoe_core::model::{
+    ImatrixCollector, KvType, Model, Sampler as CoreSampler, SamplingParams, State,
+};
 
 use crate::to_py;
 
@@ -75,6 +77,8 @@ pub struct Engine {
     pool: rayon::ThreadPool,
     /// Logits of the last evaluated token, for `sample_next`.
     last_logits: Vec<f32>,
+    /// Importance-matrix statistics gathered by `imatrix_chunk` (None until the first chunk).
+    collector: Option<ImatrixCollector>,
 }
 
 impl Engine {
@@ -129,6 +133,7 @@ impl Engine {
             state,
             pool,
             last_logits: vec![],
+            collector: None,
         })
     }
 
@@ -208,6 +213,41 @@ impl Engine {
     fn reset(&mut self) {
         self.state.reset();
         self.last_logits.clear();
+    }
+
+    /// llama-imatrix's pass over one chunk: empties the KV cache, then evaluates `tokens` while
+    /// accumulating every weight multiply's input statistics.
+    fn imatrix_chunk(&mut self, py: Python<'_>, tokens: Vec<u32>) -> PyResult<()> {
+        let mut col = self.collector.take().unwrap_or_default();
+        self.state.reset();
+        self.last_logits.clear();
+        let r = self.run(py, |m, s| m.eval_collect(s, &tokens, false, &mut col));
+        self.collector = Some(col);
+        self.state.reset();
+        r.map(|_| ()).map_err(to_py)
+    }
+
+    /// Writes what `imatrix_chunk` gathered: llama.cpp's legacy `.dat` format when `legacy`, else
+    /// its GGUF imatrix format. `chunk_size` is the tokens per chunk; `dataset` the text file.
+    fn imatrix_save(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        chunk_size: usize,
+        dataset: String,
+        legacy: bool,
+    ) -> PyResult<()> {
+        let Some(col) = &self.collector else {
+            return Err(PyValueError::new_err("no imatrix data collected yet"));
+        };
+        py.detach(|| {
+            if legacy {
+                col.save_legacy(&path, chunk_size, &dataset)
+            } else {
+                col.save_gguf(&path, chunk_size, &[dataset])
+            }
+        })
+        .map_err(to_py)
     }
 
     /// Keep only the first `n` cached positions.

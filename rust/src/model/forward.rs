@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+use super::collect::ImatrixCollector;
 use super::matmul::{dot, matmul, Mat};
 use super::ops;
 use super::weights::{Ffn, Layer, WeightRef};
@@ -113,6 +114,27 @@ impl Model {
     /// Runs `tokens` at positions n_past.., appending their keys/values to the cache. Returns the
     /// logits, [n_tokens][n_vocab] when `all_logits`, else only the last token's [n_vocab].
     pub fn eval(&self, state: &mut State, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        self.eval_inner(state, tokens, all_logits, None)
+    }
+
+    /// `eval` that also feeds every weight multiply's inputs to `collector` (llama-imatrix).
+    pub fn eval_collect(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
+        all_logits: bool,
+        collector: &mut ImatrixCollector,
+    ) -> Result<Vec<f32>> {
+        self.eval_inner(state, tokens, all_logits, Some(collector))
+    }
+
+    fn eval_inner(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
+        all_logits: bool,
+        mut collector: Option<&mut ImatrixCollector>,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         if tokens.is_empty() {
             return Err(Error::Invalid("eval needs at least one token".into()));
@@ -141,7 +163,7 @@ impl Model {
             } else {
                 None
             };
-            self.eval_batch(state, chunk, want, &mut logits);
+            self.eval_batch(state, chunk, want, &mut logits, collector.as_deref_mut());
         }
         Ok(logits)
     }
@@ -153,6 +175,7 @@ impl Model {
         tokens: &[u32],
         n_out: Option<usize>,
         logits: &mut Vec<f32>,
+        mut collector: Option<&mut ImatrixCollector>,
     ) {
         let c = &self.config;
         let (n, e) = (tokens.len(), c.n_embd);
@@ -171,7 +194,16 @@ impl Model {
             .collect();
 
         for (il, layer) in self.weights.layers.iter().enumerate() {
-            self.layer_forward(il, layer, &mut x, n, pos0, &rope, &mut state.kv);
+            self.layer_forward(
+                il,
+                layer,
+                &mut x,
+                n,
+                pos0,
+                &rope,
+                &mut state.kv,
+                collector.as_deref_mut(),
+            );
         }
         state.n_past += n;
 
@@ -198,6 +230,7 @@ impl Model {
         pos0: usize,
         rope: &[(Vec<f32>, Vec<f32>)],
         kv: &mut KvCache,
+        mut collector: Option<&mut ImatrixCollector>,
     ) {
         let c = &self.config;
         let e = c.n_embd;
@@ -208,6 +241,11 @@ impl Model {
         let mut q = vec![0f32; n * c.n_head * hk];
         let mut k = vec![0f32; n * kv.k_width];
         let mut v = vec![0f32; n * kv.v_width];
+        if let Some(col) = collector.as_deref_mut() {
+            for w in [&layer.attn_q, &layer.attn_k, &layer.attn_v] {
+                col.dense(&w.name, &h, e);
+            }
+        }
         matmul(&self.mat(&layer.attn_q), &h, n, &mut q);
         matmul(&self.mat(&layer.attn_k), &h, n, &mut k);
         matmul(&self.mat(&layer.attn_v), &h, n, &mut v);
@@ -242,6 +280,9 @@ impl Model {
 
         // output projection + residual
         let mut o = vec![0f32; n * e];
+        if let Some(col) = collector.as_deref_mut() {
+            col.dense(&layer.attn_output.name, &attn, layer.attn_output.n_cols());
+        }
         matmul(&self.mat(&layer.attn_output), &attn, n, &mut o);
         add_in_place(x, &o);
 
@@ -253,10 +294,13 @@ impl Model {
                 gate_exps,
                 up_exps,
                 down_exps,
-            } => self.moe_ffn(&h, n, gate_inp, gate_exps, up_exps, down_exps),
-            Ffn::Dense { gate, up, down } => {
-                swiglu_ffn(&self.mat(gate), &self.mat(up), &self.mat(down), &h, n)
-            }
+            } => self.moe_ffn(&h, n, [gate_inp, gate_exps, up_exps, down_exps], collector),
+            Ffn::Dense { gate, up, down } => swiglu_ffn(
+                [&self.mat(gate), &self.mat(up), &self.mat(down)],
+                &h,
+                n,
+                collector.map(|c| (c, None)),
+            ),
         };
         add_in_place(x, &f);
     }
@@ -267,14 +311,15 @@ impl Model {
         &self,
         h: &[f32],
         n: usize,
-        gate_inp: &WeightRef,
-        gate_exps: &WeightRef,
-        up_exps: &WeightRef,
-        down_exps: &WeightRef,
+        [gate_inp, gate_exps, up_exps, down_exps]: [&WeightRef; 4],
+        mut collector: Option<&mut ImatrixCollector>,
     ) -> Vec<f32> {
         let c = &self.config;
         let e = c.n_embd;
         let mut router = vec![0f32; n * c.n_expert];
+        if let Some(col) = collector.as_deref_mut() {
+            col.dense(&gate_inp.name, h, e);
+        }
         matmul(&self.mat(gate_inp), h, n, &mut router);
 
         // tokens_of[expert] = [(token, weight)]
@@ -296,11 +341,16 @@ impl Model {
                 xs.extend_from_slice(&h[t * e..(t + 1) * e]);
             }
             let y = swiglu_ffn(
-                &gate_exps.expert(&self.gguf, ex),
-                &up_exps.expert(&self.gguf, ex),
-                &down_exps.expert(&self.gguf, ex),
+                [
+                    &gate_exps.expert(&self.gguf, ex),
+                    &up_exps.expert(&self.gguf, ex),
+                    &down_exps.expert(&self.gguf, ex),
+                ],
                 &xs,
                 m,
+                collector
+                    .as_deref_mut()
+                    .map(|col| (col, Some((ex, c.n_expert)))),
             );
             for (i, &(t, w)) in routed.iter().enumerate() {
                 for (o, &yv) in out[t * e..(t + 1) * e]
@@ -315,14 +365,31 @@ impl Model {
     }
 }
 
-/// down(silu(gate(x)) · up(x)) for `n` rows of x.
-fn swiglu_ffn(gate: &Mat, up: &Mat, down: &Mat, x: &[f32], n: usize) -> Vec<f32> {
+/// down(silu(gate(x)) · up(x)) for `n` rows of x. With a collector, the inputs of the three
+/// multiplies are recorded, as expert `(index, n_expert)` of 3-D weights when given.
+fn swiglu_ffn(
+    [gate, up, down]: [&Mat; 3],
+    x: &[f32],
+    n: usize,
+    mut collector: Option<(&mut ImatrixCollector, Option<(usize, usize)>)>,
+) -> Vec<f32> {
     let ff = gate.n_rows;
+    let mut record = |w: &Mat, input: &[f32]| {
+        if let Some((col, expert)) = collector.as_mut() {
+            match *expert {
+                Some((ex, n_expert)) => col.expert(w.name, n_expert, ex, input, w.n_cols),
+                None => col.dense(w.name, input, w.n_cols),
+            }
+        }
+    };
+    record(gate, x);
+    record(up, x);
     let mut g = vec![0f32; n * ff];
     let mut u = vec![0f32; n * ff];
     matmul(gate, x, n, &mut g);
     matmul(up, x, n, &mut u);
     ops::swiglu_in_place(&mut g, &u);
+    record(down, &g);
     let mut y = vec![0f32; n * down.n_rows];
     matmul(down, &g, n, &mut y);
     y

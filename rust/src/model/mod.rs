@@ -5,6 +5,7 @@
 //! dot kernels), `ops` holds
 //! the per-row operations, `forward` is the forward pass with its KV cache, `sampling` picks tokens.
 
+pub mod collect;
 pub mod config;
 pub mod forward;
 pub mod matmul;
@@ -18,6 +19,7 @@ use std::path::Path;
 use crate::error::Result;
 use crate::gguf::GgufModel;
 
+pub use collect::ImatrixCollector;
 pub use config::{Arch, Config};
 pub use forward::{KvType, State};
 pub use sampling::{Sampler, SamplingParams};
