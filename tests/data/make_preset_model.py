@@ -9,6 +9,7 @@ work. The models have no tokenizer (llama.cpp's quantizer does not need one).
 * ``moe16``  qwen3moe, 12 layers, hidden 256, 8 / 4 heads of 32 (GQA 2), 16 experts of 96
              (ffn_down rows of 96 fall back), tied embeddings (no output.weight).
 * ``moe8-large`` the same layout at about 200M parameters, for benchmarks.
+* ``a3b-2layers`` two Qwen3-30B-A3B layers at real shapes (1.25B parameters), for benchmarks.
 * ``dense``  qwen3 (no experts: the layer schedules use llama.cpp's counters), 16 layers,
              hidden 256, 4 / 4 heads of 64, FFN 512.
 
@@ -41,6 +42,11 @@ CONFIGS = {
     # Larger, for benchmarks only (about 200M parameters, 400 MB in F16).
     "moe8-large": dict(
         arch="qwen3moe", n_layer=12, hidden=1024, n_head=8, n_head_kv=2, head_dim=128, n_expert=8, n_ff=512, vocab=8192
+    ),
+    # Two layers of Qwen3-30B-A3B at its real tensor shapes (128 experts of 768, hidden 2048, 32/4
+    # heads of 128) with a small vocabulary: about 1.25B parameters, 2.5 GB in F16; benchmarks only.
+    "a3b-2layers": dict(
+        arch="qwen3moe", n_layer=2, hidden=2048, n_head=32, n_head_kv=4, head_dim=128, n_expert=128, n_ff=768, vocab=8192
     ),
     "dense": dict(
         arch="qwen3", n_layer=16, hidden=256, n_head=4, n_head_kv=4, head_dim=64, n_expert=0, n_ff=512, vocab=320
