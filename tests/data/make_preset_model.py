@@ -46,7 +46,15 @@ CONFIGS = {
     # Two layers of Qwen3-30B-A3B at its real tensor shapes (128 experts of 768, hidden 2048, 32/4
     # heads of 128) with a small vocabulary: about 1.25B parameters, 2.5 GB in F16; benchmarks only.
     "a3b-2layers": dict(
-        arch="qwen3moe", n_layer=2, hidden=2048, n_head=32, n_head_kv=4, head_dim=128, n_expert=128, n_ff=768, vocab=8192
+        arch="qwen3moe",
+        n_layer=2,
+        hidden=2048,
+        n_head=32,
+        n_head_kv=4,
+        head_dim=128,
+        n_expert=128,
+        n_ff=768,
+        vocab=8192,
     ),
     "dense": dict(
         arch="qwen3", n_layer=16, hidden=256, n_head=4, n_head_kv=4, head_dim=64, n_expert=0, n_ff=512, vocab=320
