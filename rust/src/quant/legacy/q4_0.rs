@@ -107,23 +107,9 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) {
         for (x, y) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
-            let b = load_block(x);
-            let max = block_signed_absmax(&b, x);
-            let d = max / -8.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let (d, levels) = symmetric_levels(x, 15);
             y[..2].copy_from_slice(&f16_bytes(d));
-            let (idv, half, fifteen) = (
-                _mm256_set1_ps(id),
-                _mm256_set1_ps(8.5),
-                _mm256_set1_epi32(15),
-            );
-            // Separate mul and add, truncating conversion, (int8_t) then MIN(15, .) as in ggml.
-            let q = b.map(|v| {
-                let t = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, idv), half));
-                _mm256_min_epi32(low_byte_signed(t), fifteen)
-            });
-            let qs = nibbles_or(pack_low_bytes(q), false);
-            _mm_storeu_si128(y[2..].as_mut_ptr() as *mut __m128i, qs);
+            _mm_storeu_si128(y[2..].as_mut_ptr() as *mut __m128i, nibbles_or(levels, false));
         }
     }
 

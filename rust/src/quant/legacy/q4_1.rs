@@ -122,24 +122,10 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) {
         for (x, y) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
-            let b = load_block(x);
-            let (min, max) = block_min_max(&b, x);
-            let d = (max - min) / 15.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let (d, min, levels) = asymmetric_levels(x, 15, true);
             y[..2].copy_from_slice(&f16_bytes(d));
             y[2..4].copy_from_slice(&f16_bytes(min));
-            let (minv, idv, half, fifteen) = (
-                _mm256_set1_ps(min),
-                _mm256_set1_ps(id),
-                _mm256_set1_ps(0.5),
-                _mm256_set1_epi32(15),
-            );
-            let q = b.map(|v| {
-                let s = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v, minv), idv), half);
-                _mm256_min_epi32(low_byte_signed(_mm256_cvttps_epi32(s)), fifteen)
-            });
-            let qs = nibbles_or(pack_low_bytes(q), false);
-            _mm_storeu_si128(y[4..].as_mut_ptr() as *mut __m128i, qs);
+            _mm_storeu_si128(y[4..].as_mut_ptr() as *mut __m128i, nibbles_or(levels, false));
         }
     }
 

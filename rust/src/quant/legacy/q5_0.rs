@@ -105,26 +105,10 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) {
         for (x, y) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
-            let b = load_block(x);
-            let max = block_signed_absmax(&b, x);
-            let d = max / -16.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let (d, levels) = symmetric_levels(x, 31);
             y[..2].copy_from_slice(&f16_bytes(d));
-            let (idv, half, top) = (
-                _mm256_set1_ps(id),
-                _mm256_set1_ps(16.5),
-                _mm256_set1_epi32(31),
-            );
-            let q = b.map(|v| {
-                let t = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, idv), half));
-                _mm256_min_epi32(low_byte_signed(t), top)
-            });
-            let levels = pack_low_bytes(q);
             y[2..6].copy_from_slice(&bit4_mask(levels).to_le_bytes());
-            _mm_storeu_si128(
-                y[6..].as_mut_ptr() as *mut __m128i,
-                nibbles_or(levels, true),
-            );
+            _mm_storeu_si128(y[6..].as_mut_ptr() as *mut __m128i, nibbles_or(levels, true));
         }
     }
 

@@ -465,3 +465,45 @@ pub(crate) unsafe fn imatrix_weights(x: &[f32], qw: &[f32], sigma2: f32) -> [f32
     }
     w
 }
+
+/// Q4_0/Q5_0 levels of one block (`nmax` = 15 or 31): d = signed absmax / -(nmax+1)/2, then
+/// MIN(nmax, (int8_t)(x*id + (nmax+1)/2 + 0.5)) with mul and add kept separate, as in ggml.
+/// Returns d and the 32 levels packed to bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn symmetric_levels(x: &[f32], nmax: i32) -> (f32, __m256i) {
+    let b = load_block(x);
+    let max = block_signed_absmax(&b, x);
+    let half_range = ((nmax + 1) / 2) as f32;
+    let d = max / -half_range;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let (idv, offset, top) = (_mm256_set1_ps(id), _mm256_set1_ps(half_range + 0.5), _mm256_set1_epi32(nmax));
+    let q = b.map(|v| {
+        let t = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, idv), offset));
+        _mm256_min_epi32(low_byte_signed(t), top)
+    });
+    (d, pack_low_bytes(q))
+}
+
+/// Q4_1/Q5_1 levels of one block (`nmax` = 15 or 31): d = (max - min) / nmax, then
+/// (x - min)*id + 0.5 truncated, clamped as ggml's Q4_1 does (`MIN(15, (int8_t)...)`) when `clamp`.
+/// Returns d, min and the 32 levels packed to bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn asymmetric_levels(x: &[f32], nmax: i32, clamp: bool) -> (f32, f32, __m256i) {
+    let b = load_block(x);
+    let (min, max) = block_min_max(&b, x);
+    let d = (max - min) / nmax as f32;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let (minv, idv, half, top) =
+        (_mm256_set1_ps(min), _mm256_set1_ps(id), _mm256_set1_ps(0.5), _mm256_set1_epi32(nmax));
+    let q = b.map(|v| {
+        let t = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v, minv), idv), half));
+        if clamp {
+            _mm256_min_epi32(low_byte_signed(t), top)
+        } else {
+            t
+        }
+    });
+    (d, min, pack_low_bytes(q))
+}
