@@ -47,16 +47,9 @@ enum RowKernel {
     F32InPlace,
     /// Rows converted to f32 one block at a time by the type's dequantizer, then f32 tiles.
     ToF32(DequantizeRowFn),
-    /// Rows kept in their block format; activations quantized once per call to `act_ty` and
-    /// multiplied with an integer dot kernel (ggml's `vec_dot_type` scheme).
-    Quantized {
-        /// Bytes of 32 quantized activations.
-        act_block_bytes: usize,
-        quantize_act: fn(&[f32], &mut [u8]),
-        vec_dot: fn(&[u8], &[u8]) -> f32,
-        /// One weight row against four activation rows (weight blocks loaded once).
-        vec_dot_x4: fn(&[u8], [&[u8]; 4]) -> [f32; 4],
-    },
+    /// Rows kept in their block format; activations quantized once per call to the kernels'
+    /// activation type and multiplied with an integer dot kernel (ggml's `vec_dot_type` scheme).
+    Quantized(vec_dot::DotKernels),
 }
 
 fn row_kernel(ty: GgmlType) -> RowKernel {
@@ -76,21 +69,8 @@ fn row_kernel(ty: GgmlType) -> RowKernel {
     }
     match ty {
         GgmlType::F32 if cfg!(target_endian = "little") => RowKernel::F32InPlace,
-        GgmlType::Q8_0 => RowKernel::Quantized {
-            act_block_bytes: 34,
-            quantize_act: vec_dot::quantize_act_q8_0,
-            vec_dot: vec_dot::vec_dot_q8_0,
-            vec_dot_x4: vec_dot::vec_dot_q8_0_x4,
-        },
-        _ if vec_dot::legacy_kernels(ty).is_some() => {
-            let (act_block_bytes, quantize_act, vec_dot, vec_dot_x4) =
-                vec_dot::legacy_kernels(ty).expect("just checked");
-            RowKernel::Quantized {
-                act_block_bytes,
-                quantize_act,
-                vec_dot,
-                vec_dot_x4,
-            }
+        _ if vec_dot::kernels(ty).is_some() => {
+            RowKernel::Quantized(vec_dot::kernels(ty).expect("just checked"))
         }
         _ => RowKernel::ToF32(
             quant::kernels(ty)
@@ -138,17 +118,12 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
         kernel = RowKernel::ToF32(quant::float::F32_KERNELS.dequantize_row);
     }
     match kernel {
-        RowKernel::Quantized {
-            act_block_bytes,
-            quantize_act,
-            vec_dot,
-            vec_dot_x4,
-        } => {
-            let act_row = n_cols / 32 * act_block_bytes;
+        RowKernel::Quantized(k) => {
+            let act_row = k.act_row_bytes(n_cols);
             let mut xq = vec![0u8; n_tok * act_row];
             xq.par_chunks_mut(act_row)
                 .zip(x.par_chunks(n_cols))
-                .for_each(|(q, xr)| quantize_act(xr, q));
+                .for_each(|(q, xr)| (k.quantize_act)(xr, q));
             let xqs: Vec<&[u8]> = xq.chunks_exact(act_row).collect();
             yt.par_chunks_mut(block * n_tok)
                 .enumerate()
@@ -156,7 +131,7 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
                     let r0 = b * block;
                     let rows = &w.data[r0 * row_bytes..(r0 + out.len() / n_tok) * row_bytes];
                     let wrows: Vec<&[u8]> = rows.chunks_exact(row_bytes).collect();
-                    quantized_block(&wrows, &xqs, out, vec_dot, vec_dot_x4);
+                    quantized_block(&wrows, &xqs, out, k.vec_dot, k.vec_dot_x4);
                 });
         }
         RowKernel::F32InPlace => {

@@ -8,6 +8,62 @@
 use half::f16;
 
 use crate::quant::cpu;
+use crate::types::GgmlType;
+
+mod iquants;
+mod kquants;
+
+/// The integer dot kernels of one weight type, as ggml pairs a type with its `vec_dot_type`.
+#[derive(Clone, Copy)]
+pub struct DotKernels {
+    /// Format the activations are quantized to once per matmul call: Q8_0, Q8_1 or Q8_K.
+    pub act_type: GgmlType,
+    pub quantize_act: fn(&[f32], &mut [u8]),
+    /// One weight row (its blocks as stored) against one quantized activation row.
+    pub vec_dot: fn(&[u8], &[u8]) -> f32,
+    /// One weight row against four activation rows (weight blocks decoded once).
+    pub vec_dot_x4: fn(&[u8], [&[u8]; 4]) -> [f32; 4],
+}
+
+impl DotKernels {
+    /// Bytes of one quantized activation row of `n_cols` values.
+    pub fn act_row_bytes(&self, n_cols: usize) -> usize {
+        let (block, bytes) = self.act_type.block_geometry();
+        n_cols / block * bytes
+    }
+}
+
+/// The integer kernels for `ty`, or None where its rows are converted to f32 instead.
+pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
+    if ty == GgmlType::Q8_0 {
+        return Some(DotKernels {
+            act_type: GgmlType::Q8_0,
+            quantize_act: quantize_act_q8_0,
+            vec_dot: vec_dot_q8_0,
+            vec_dot_x4: vec_dot_q8_0_x4,
+        });
+    }
+    if let Some((act_bytes, quantize_act, vec_dot, vec_dot_x4)) = legacy_kernels(ty) {
+        let act_type = if act_bytes == Q8_1_BLOCK {
+            GgmlType::Q8_1
+        } else {
+            GgmlType::Q8_0
+        };
+        return Some(DotKernels {
+            act_type,
+            quantize_act,
+            vec_dot,
+            vec_dot_x4,
+        });
+    }
+    kquants::kernels(ty).or_else(|| iquants::kernels(ty))
+}
+
+/// Activations to Q8_K as ggml's x86 `quantize_row_q8_K` (its reference: d = max/-127 with the
+/// signed absmax, 256 int8 levels, and the sums of every 16 levels).
+pub fn quantize_act_q8_k(x: &[f32], out: &mut [u8]) {
+    (crate::quant::kquants::q8_k::Q8_K_KERNELS.quantize_row)(x, out, None)
+}
 
 const QK: usize = 32;
 const BLOCK: usize = 34;
