@@ -749,3 +749,106 @@ mod legacy_tests {
         }
     }
 }
+
+/// llama.cpp's own dot products, stored by scripts/make_llamacpp_vec_dot_vectors.py.
+#[cfg(test)]
+pub(crate) mod llamacpp_vectors {
+    use crate::gguf::GgufFile;
+
+    /// One type's vectors: weight rows, f32 activations, ggml's quantized activations, and
+    /// ggml's dot products dot[t * n_rows + r] (its SIMD kernel) and `dot_generic` (portable).
+    pub struct Vectors {
+        pub n_rows: usize,
+        pub n_cols: usize,
+        pub w: Vec<Vec<u8>>,
+        pub x: Vec<Vec<f32>>,
+        pub act: Vec<Vec<u8>>,
+        pub dot: Vec<f32>,
+        pub dot_generic: Vec<f32>,
+    }
+
+    fn f32s(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    pub fn load(type_name: &str) -> Vectors {
+        let path = format!(
+            "{}/../tests/data/llamacpp/vec_dot/{}.gguf",
+            env!("CARGO_MANIFEST_DIR"),
+            type_name.to_lowercase()
+        );
+        let f = GgufFile::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let get = |name: &str| {
+            let t = f.tensor(name).unwrap_or_else(|| panic!("{path}: no tensor {name}"));
+            (f.tensor_data(t).to_vec(), t.dims.clone())
+        };
+        let (w, ws) = get("w");
+        let (x, xs) = get("x");
+        let (act, _) = get("act");
+        let (n_cols, n_rows, n_tok) = (ws[0] as usize, ws[1] as usize, xs[1] as usize);
+        let split = |b: Vec<u8>, n: usize| -> Vec<Vec<u8>> {
+            b.chunks_exact(b.len() / n).map(|c| c.to_vec()).collect()
+        };
+        Vectors {
+            n_rows,
+            n_cols,
+            w: split(w, n_rows),
+            x: f32s(&x).chunks_exact(n_cols).map(|c| c.to_vec()).collect(),
+            act: split(act, n_tok),
+            dot: f32s(&get("dot").0),
+            dot_generic: f32s(&get("dot_generic").0),
+        }
+    }
+
+    /// Checks `k` against llama.cpp: activations quantize to ggml's bytes, and every dot (single
+    /// and 4-row) is within `rel` of ggml's, relative to Σ|w|·|a| of the row pair (the scale of
+    /// float-rounding differences from another summation order).
+    pub fn check(type_name: &str, k: &super::DotKernels, rel: f64) {
+        let v = load(type_name);
+        let ty = crate::types::GgmlType::from_name(type_name).expect("known type");
+        let wf: Vec<Vec<f32>> = v
+            .w
+            .iter()
+            .map(|r| crate::quant::dequantize("w", r, v.n_cols, ty).unwrap())
+            .collect();
+        for (t, (x, act)) in v.x.iter().zip(&v.act).enumerate() {
+            let mut mine = vec![0u8; act.len()];
+            (k.quantize_act)(x, &mut mine);
+            assert!(mine == *act, "{type_name}: activation row {t} differs from ggml's");
+        }
+        let n_tok = v.act.len();
+        for r in 0..v.n_rows {
+            let quad = [&v.act[0][..], &v.act[1], &v.act[2], &v.act[3]];
+            let x4 = (k.vec_dot_x4)(&v.w[r], quad);
+            for t in 0..n_tok {
+                let mag: f64 = wf[r]
+                    .iter()
+                    .zip(&v.x[t])
+                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                    .sum();
+                let want = v.dot[t * v.n_rows + r] as f64;
+                let got = (k.vec_dot)(&v.w[r], &v.act[t]) as f64;
+                let tol = rel * mag.max(1e-30);
+                assert!((got - want).abs() <= tol, "{type_name} row {r} tok {t}: {got} vs ggml {want}");
+                if t < 4 {
+                    assert_eq!(x4[t].to_bits(), (got as f32).to_bits(), "{type_name}: x4 vs single");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod llamacpp_tests {
+    use super::*;
+
+    #[test]
+    fn legacy_kernels_match_llama_cpp_dot_products() {
+        for name in ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"] {
+            let ty = GgmlType::from_name(name).unwrap();
+            llamacpp_vectors::check(name, &kernels(ty).unwrap(), 1e-6);
+        }
+    }
+}
