@@ -756,7 +756,7 @@ pub(crate) mod llamacpp_vectors {
     use crate::gguf::GgufFile;
 
     /// One type's vectors: weight rows, f32 activations, ggml's quantized activations, and
-    /// ggml's dot products dot[t * n_rows + r] (its SIMD kernel) and `dot_generic` (portable).
+    /// ggml's dot products dot[t * n_rows + r] (its SIMD kernel; the file also holds `dot_generic`).
     pub struct Vectors {
         pub n_rows: usize,
         pub n_cols: usize,
@@ -764,7 +764,6 @@ pub(crate) mod llamacpp_vectors {
         pub x: Vec<Vec<f32>>,
         pub act: Vec<Vec<u8>>,
         pub dot: Vec<f32>,
-        pub dot_generic: Vec<f32>,
     }
 
     fn f32s(b: &[u8]) -> Vec<f32> {
@@ -798,13 +797,13 @@ pub(crate) mod llamacpp_vectors {
             x: f32s(&x).chunks_exact(n_cols).map(|c| c.to_vec()).collect(),
             act: split(act, n_tok),
             dot: f32s(&get("dot").0),
-            dot_generic: f32s(&get("dot_generic").0),
         }
     }
 
     /// Checks `k` against llama.cpp: activations quantize to ggml's bytes, and every dot (single
     /// and 4-row) is within `rel` of ggml's, relative to Σ|w|·|a| of the row pair (the scale of
     /// float-rounding differences from another summation order).
+    #[allow(clippy::needless_range_loop)] // r and t index four parallel arrays
     pub fn check(type_name: &str, k: &super::DotKernels, rel: f64) {
         let v = load(type_name);
         let ty = crate::types::GgmlType::from_name(type_name).expect("known type");
