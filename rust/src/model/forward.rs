@@ -12,10 +12,22 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 
 use super::collect::ImatrixCollector;
-use super::matmul::{dot, matmul, Mat};
+use super::matmul::{matmul, Mat};
 use super::ops;
 use super::weights::{Ffn, Layer, WeightRef};
 use super::Model;
+
+/// Debugging aid: with PYQMOE_DUMP_DIR set, the last row of named intermediates is written there as
+/// raw little-endian f32 (`NAME.f32`, names as in llama.cpp's graph; see scripts/llamacpp_tensors.py).
+fn dump(name: &str, rows: &[f32], width: usize) {
+    static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let Some(dir) = DIR.get_or_init(|| std::env::var_os("PYQMOE_DUMP_DIR").map(Into::into)) else {
+        return;
+    };
+    let last = &rows[rows.len() - width..];
+    let bytes: Vec<u8> = last.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let _ = std::fs::write(dir.join(format!("{name}.f32")), bytes);
+}
 
 /// Largest number of tokens pushed through the layers at once; longer inputs go in pieces.
 pub const MAX_BATCH: usize = 512;
@@ -214,6 +226,7 @@ impl Model {
             for (o, xr) in h.chunks_exact_mut(e).zip(x[first * e..].chunks_exact(e)) {
                 ops::rms_norm(xr, &self.weights.output_norm, c.rms_eps, o);
             }
+            dump("result_norm", &h, e);
             let mut out = vec![0f32; n_out * c.n_vocab];
             matmul(&self.mat(&self.weights.output), &h, n_out, &mut out);
             logits.extend_from_slice(&out);
@@ -238,6 +251,7 @@ impl Model {
 
         // attention block: norm, projections
         let h = rms_norm_rows(x, &layer.attn_norm, c.rms_eps);
+        dump(&format!("attn_norm-{il}"), &h, e);
         let mut q = vec![0f32; n * c.n_head * hk];
         let mut k = vec![0f32; n * kv.k_width];
         let mut v = vec![0f32; n * kv.v_width];
@@ -253,12 +267,17 @@ impl Model {
         // QK-norm: RMSNorm of every head of Q and K, then rotary embeddings.
         ops::rms_norm_rows_in_place(&mut q, &layer.attn_q_norm, c.rms_eps);
         ops::rms_norm_rows_in_place(&mut k, &layer.attn_k_norm, c.rms_eps);
+        dump(&format!("Qcur_normed-{il}"), &q, c.n_head * hk);
+        dump(&format!("Kcur_normed-{il}"), &k, kv.k_width);
+        dump(&format!("Vcur-{il}"), &v, kv.v_width);
         for t in 0..n {
             let (cos, sin) = &rope[t];
             ops::rope_neox_in_place(&mut q[t * c.n_head * hk..(t + 1) * c.n_head * hk], cos, sin);
             ops::rope_neox_in_place(&mut k[t * kv.k_width..(t + 1) * kv.k_width], cos, sin);
         }
 
+        dump(&format!("Qcur-{il}"), &q, c.n_head * hk);
+        dump(&format!("Kcur-{il}"), &k, kv.k_width);
         // Append this batch's keys and values to the cache, then attend over positions 0..=pos.
         kv.k[il].write(pos0 * kv.k_width, &k);
         kv.v[il].write(pos0 * kv.v_width, &v);
@@ -278,6 +297,7 @@ impl Model {
             },
         );
 
+        dump(&format!("kqv_out-{il}"), &attn, c.n_head * hv);
         // output projection + residual
         let mut o = vec![0f32; n * e];
         if let Some(col) = collector.as_deref_mut() {
@@ -285,9 +305,11 @@ impl Model {
         }
         matmul(&self.mat(&layer.attn_output), &attn, n, &mut o);
         add_in_place(x, &o);
+        dump(&format!("ffn_inp-{il}"), x, e);
 
         // feed-forward block + residual
         let h = rms_norm_rows(x, &layer.ffn_norm, c.rms_eps);
+        dump(&format!("ffn_norm-{il}"), &h, e);
         let f = match &layer.ffn {
             Ffn::Moe {
                 gate_inp,
@@ -302,7 +324,9 @@ impl Model {
                 collector.map(|c| (c, None)),
             ),
         };
+        dump(&format!("ffn_moe_out-{il}"), &f, e);
         add_in_place(x, &f);
+        dump(&format!("l_out-{il}"), x, e);
     }
 
     /// Sparse MoE: route each token to its top-k experts, then run every selected expert once over
@@ -321,23 +345,26 @@ impl Model {
             col.dense(&gate_inp.name, h, e);
         }
         matmul(&self.mat(gate_inp), h, n, &mut router);
+        dump("ffn_moe_logits", &router, c.n_expert);
 
-        // tokens_of[expert] = [(token, weight)]
-        let mut tokens_of: Vec<Vec<(usize, f32)>> = vec![Vec::new(); c.n_expert];
+        // tokens_of[expert] = [(token, rank among the token's experts, weight)]
+        let k = c.n_expert_used;
+        let mut tokens_of: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); c.n_expert];
         for (t, logits) in router.chunks_exact(c.n_expert).enumerate() {
-            for (ex, w) in ops::route_top_k(logits, c.n_expert_used) {
-                tokens_of[ex].push((t, w));
+            for (rank, (ex, w)) in ops::route_top_k(logits, k).into_iter().enumerate() {
+                tokens_of[ex].push((t, rank, w));
             }
         }
 
-        let mut out = vec![0f32; n * e];
+        // Each token's k weighted expert outputs, by rank; summed in rank order like llama.cpp.
+        let mut slots = vec![0f32; n * k * e];
         for (ex, routed) in tokens_of.iter().enumerate() {
             if routed.is_empty() {
                 continue;
             }
             let m = routed.len();
             let mut xs = Vec::with_capacity(m * e);
-            for &(t, _) in routed {
+            for &(t, _, _) in routed {
                 xs.extend_from_slice(&h[t * e..(t + 1) * e]);
             }
             let y = swiglu_ffn(
@@ -352,13 +379,18 @@ impl Model {
                     .as_deref_mut()
                     .map(|col| (col, Some((ex, c.n_expert)))),
             );
-            for (i, &(t, w)) in routed.iter().enumerate() {
-                for (o, &yv) in out[t * e..(t + 1) * e]
-                    .iter_mut()
-                    .zip(&y[i * e..(i + 1) * e])
-                {
-                    *o += w * yv;
+            for (i, &(t, rank, w)) in routed.iter().enumerate() {
+                let slot = &mut slots[(t * k + rank) * e..(t * k + rank + 1) * e];
+                for (o, &yv) in slot.iter_mut().zip(&y[i * e..(i + 1) * e]) {
+                    *o = yv * w;
                 }
+            }
+        }
+        let mut out = vec![0f32; n * e];
+        for (o, s) in out.chunks_exact_mut(e).zip(slots.chunks_exact(k * e)) {
+            o.copy_from_slice(&s[..e]);
+            for r in 1..k {
+                add_in_place(o, &s[r * e..(r + 1) * e]);
             }
         }
         out
@@ -388,7 +420,7 @@ fn swiglu_ffn(
     let mut u = vec![0f32; n * ff];
     matmul(gate, x, n, &mut g);
     matmul(up, x, n, &mut u);
-    ops::swiglu_in_place(&mut g, &u);
+    ops::swiglu_in_place(&mut g, &u, ff);
     record(down, &g);
     let mut y = vec![0f32; n * down.n_rows];
     matmul(down, &g, n, &mut y);
@@ -433,18 +465,71 @@ fn attention(q: &[f32], keys: &[f32], values: &[f32], s: AttnShape) -> Vec<f32> 
         let g = h / group;
         let qh = &q[(t * s.n_head + h) * hk..(t * s.n_head + h + 1) * hk];
         let n_visible = s.pos0 + t + 1;
-        let mut scores: Vec<f32> = (0..n_visible)
-            .map(|j| dot(qh, &keys[j * kw + g * hk..j * kw + (g + 1) * hk]) * scale)
-            .collect();
-        ops::softmax_in_place(&mut scores);
-        for (j, &p) in scores.iter().enumerate() {
-            let vr = &values[j * vw + g * hv..j * vw + (g + 1) * hv];
-            for (a, &b) in o.iter_mut().zip(vr) {
-                *a += p * b;
-            }
+        // Scores padded with masked (-inf) keys to a multiple of 8, as llama.cpp pads its cache.
+        let mut scores = vec![f32::NEG_INFINITY; n_visible.next_multiple_of(8)];
+        for (j, sc) in scores[..n_visible].iter_mut().enumerate() {
+            *sc = dot_kq(qh, &keys[j * kw + g * hk..j * kw + (g + 1) * hk]) * scale;
         }
+        ops::softmax_in_place(&mut scores);
+        let vg = |j: usize| &values[j * vw + g * hv..j * vw + (g + 1) * hv];
+        weighted_values(&scores[..n_visible], vg, o);
     });
     out
+}
+
+/// q·k summed in the order of llama.cpp's CPU kernel for its KQ product (matched against its
+/// outputs): 4 accumulators of 8 lanes over steps of 32, products rounded before adding, the
+/// accumulators added as (0+2)+(1+3), the lanes pairwise, then any tail in order.
+fn dot_kq(q: &[f32], k: &[f32]) -> f32 {
+    let n = q.len().min(k.len());
+    let body = n - n % 32;
+    let mut acc = [[0f32; 8]; 4];
+    for i in (0..body).step_by(32) {
+        for (a, accj) in acc.iter_mut().enumerate() {
+            for (l, v) in accj.iter_mut().enumerate() {
+                *v += q[i + 8 * a + l] * k[i + 8 * a + l];
+            }
+        }
+    }
+    let lanes: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
+    let mut s = ops::reduce8(&lanes);
+    for i in body..n {
+        s += q[i] * k[i];
+    }
+    s
+}
+
+/// o = Σ_j p_j·v_j summed as llama.cpp's f32 matmul of the transposed V cache does: key j goes to
+/// FMA lane j mod 8, and the 8 lanes are added pairwise at the end.
+fn weighted_values<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32], o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::cpu::features().fma {
+        // SAFETY: FMA is present (checked just above); the body is plain Rust.
+        return unsafe { weighted_values_fma(p, v, o) };
+    }
+    weighted_values_body(p, v, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn weighted_values_fma<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32], o: &mut [f32]) {
+    weighted_values_body(p, v, o)
+}
+
+#[inline(always)]
+fn weighted_values_body<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32], o: &mut [f32]) {
+    let hv = o.len();
+    let mut lanes = vec![0f32; 8 * hv];
+    for (j, &pj) in p.iter().enumerate() {
+        let acc = &mut lanes[(j % 8) * hv..(j % 8 + 1) * hv];
+        for (a, &b) in acc.iter_mut().zip(v(j)) {
+            *a = pj.mul_add(b, *a);
+        }
+    }
+    for (d, od) in o.iter_mut().enumerate() {
+        let l: [f32; 8] = std::array::from_fn(|i| lanes[i * hv + d]);
+        *od = ops::reduce8(&l);
+    }
 }
 
 #[cfg(test)]

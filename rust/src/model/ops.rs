@@ -1,9 +1,9 @@
 //! The small element-wise and per-row operations of the forward pass, each testable by hand.
 
-/// out = x / sqrt(mean(x²) + eps) · weight. The sum of squares runs in f64, as ggml does.
+/// out = x / sqrt(mean(x²) + eps) · weight. As ggml: squares in f32, summed in f64.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     debug_assert_eq!(x.len(), weight.len());
-    let sum_sq: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let sum_sq: f64 = x.iter().map(|&v| (v * v) as f64).sum();
     let mean = (sum_sq / x.len() as f64) as f32;
     let scale = 1.0 / (mean + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
@@ -20,17 +20,18 @@ pub fn rms_norm_rows_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-/// Rotation angles' cos/sin for one position: θ_i = pos · base^(-2i/dim), i < dim/2.
+/// Rotation angles' cos/sin for one position: θ_i = pos · base^(-2i/dim), i < dim/2, computed as
+/// ggml's rope cache does (f32 θ multiplied by base^(-2/dim) step by step) so angles agree bit for bit.
 pub fn rope_cos_sin(pos: usize, dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
     let half = dim / 2;
+    let theta_scale = base.powf(-2.0 / dim as f32);
+    let mut theta = pos as f32;
     let mut cos = Vec::with_capacity(half);
     let mut sin = Vec::with_capacity(half);
-    for i in 0..half {
-        // f64 angle: positions in the tens of thousands times small frequencies lose bits in f32.
-        let inv_freq = (base as f64).powf(-2.0 * i as f64 / dim as f64);
-        let theta = pos as f64 * inv_freq;
-        cos.push(theta.cos() as f32);
-        sin.push(theta.sin() as f32);
+    for _ in 0..half {
+        cos.push(theta.cos());
+        sin.push(theta.sin());
+        theta *= theta_scale;
     }
     (cos, sin)
 }
@@ -38,28 +39,109 @@ pub fn rope_cos_sin(pos: usize, dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
 /// NEOX-ordered RoPE of each head (`cos.len() * 2` values) in `x`, in place: element i pairs with
 /// element i + dim/2 (rotate halves), as llama.cpp's NEOX mode and HF's `rotate_half`.
 pub fn rope_neox_in_place(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::cpu::features().fma {
+        // SAFETY: FMA is present (checked just above); the body is plain Rust.
+        return unsafe { rope_neox_fma(x, cos, sin) };
+    }
+    rope_neox_body(x, cos, sin)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn rope_neox_fma(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    rope_neox_body(x, cos, sin)
+}
+
+/// The rotation fused as llama.cpp's compiled `rotate_pairs` is (checked against its outputs):
+/// a·cos − b·sin as fma(a, cos, −b·sin), a·sin + b·cos as fma(a, sin, b·cos).
+#[inline(always)]
+fn rope_neox_body(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len();
     for head in x.chunks_exact_mut(2 * half) {
         let (lo, hi) = head.split_at_mut(half);
         for i in 0..half {
             let (a, b) = (lo[i], hi[i]);
-            lo[i] = a * cos[i] - b * sin[i];
-            hi[i] = a * sin[i] + b * cos[i];
+            lo[i] = a.mul_add(cos[i], -(b * sin[i]));
+            hi[i] = a.mul_add(sin[i], b * cos[i]);
         }
     }
 }
 
-/// Numerically stable softmax, in place.
+/// Softmax in place, computed as ggml's CPU `soft_max` does so results agree with llama.cpp bit for
+/// bit: exponentials by `expf_ggml` in chunks of 8 (a partial last chunk by libm's expf), each
+/// chunk's sum reduced pairwise and accumulated in f64, then every value scaled by f32(1/sum).
+/// -inf entries (masked keys) become 0.
 pub fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::cpu::features().fma {
+        // SAFETY: FMA is present (checked just above); the body is plain Rust.
+        return unsafe { softmax_fma(x) };
     }
-    let inv = 1.0 / sum;
+    softmax_body(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn softmax_fma(x: &mut [f32]) {
+    softmax_body(x)
+}
+
+#[inline(always)]
+fn softmax_body(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let mut sum = 0f64;
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for v in c.iter_mut() {
+            *v = expf_ggml(*v - max);
+        }
+        sum += reduce8(c) as f64;
+    }
+    for v in chunks.into_remainder() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// Sum of 8 lanes in the order of an AVX horizontal add: high half onto low, then pairs.
+#[inline(always)]
+pub fn reduce8(v: &[f32]) -> f32 {
+    let q = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// exp(x) by the same range reduction and polynomial as ggml's vectorised `ggml_v_expf` (max error
+/// ~1.5 ulp), with the same fused multiply-adds, so llama.cpp's softmax and SiLU are reproduced.
+#[inline(always)]
+pub fn expf_ggml(x: f32) -> f32 {
+    let f = f32::from_bits;
+    let r = f(0x4b40_0000); // 1.5 · 2^23: adding it rounds to an integer
+    let z = x.mul_add(f(0x3fb8_aa3b), r); // x / ln 2, rounded
+    let n = z - r;
+    let b = (-n).mul_add(f(0x35bf_be8e), (-n).mul_add(f(0x3f31_7200), x)); // x - n·ln 2
+    let e = z.to_bits() << 23;
+    let k = f(e.wrapping_add(1f32.to_bits())); // 2^n
+    let u = b * b;
+    let j = f(0x3c07_2010)
+        .mul_add(b, f(0x3d2b_9f17))
+        .mul_add(u, f(0x3e2a_af33).mul_add(b, f(0x3eff_fedb)))
+        .mul_add(u, f(0x3f7f_fff6) * b);
+    if n.abs() <= 126.0 {
+        return j.mul_add(k, k);
+    }
+    // |n| > 126: 2^n is split in two factors so it neither overflows nor flushes early
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f(g.wrapping_add(0x7f00_0000));
+    let s2 = f(e.wrapping_sub(g));
+    if n.abs() > 192.0 {
+        s1 * s1
+    } else {
+        s2.mul_add(j, s2) * s1
     }
 }
 
@@ -76,15 +158,38 @@ pub fn route_top_k(router_logits: &[f32], k: usize) -> Vec<(usize, f32)> {
     order.into_iter().map(|e| (e, probs[e] / sum)).collect()
 }
 
-#[inline]
+/// SiLU as ggml's vectorised `ggml_v_silu`: x / (1 + expf_ggml(-x)).
+#[inline(always)]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + expf_ggml(-x))
 }
 
-/// SwiGLU: gate ← silu(gate) · up.
-pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = silu(*g) * u;
+/// SwiGLU: gate ← silu(gate) · up, over rows of `width` values; as ggml, a row's last
+/// `width % 8` values use libm's expf.
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32], width: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::cpu::features().fma {
+        // SAFETY: FMA is present (checked just above); the body is plain Rust.
+        return unsafe { swiglu_fma(gate, up, width) };
+    }
+    swiglu_body(gate, up, width)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn swiglu_fma(gate: &mut [f32], up: &[f32], width: usize) {
+    swiglu_body(gate, up, width)
+}
+
+#[inline(always)]
+fn swiglu_body(gate: &mut [f32], up: &[f32], width: usize) {
+    let tail = width - width % 8;
+    for (gr, ur) in gate.chunks_exact_mut(width).zip(up.chunks_exact(width)) {
+        for (i, (g, &u)) in gr.iter_mut().zip(ur).enumerate() {
+            let x = *g;
+            let s = if i < tail { silu(x) } else { x / (1.0 + (-x).exp()) };
+            *g = s * u;
+        }
     }
 }
 
@@ -162,7 +267,7 @@ mod tests {
         assert!(close(silu(1.0), 1.0 / (1.0 + (-1f32).exp()), 1e-7));
         assert!(close(silu(-20.0), -20.0 * (-20f32).exp(), 1e-3));
         let mut g = [1.0f32, 0.0];
-        swiglu_in_place(&mut g, &[2.0, 5.0]);
+        swiglu_in_place(&mut g, &[2.0, 5.0], 2);
         assert!(close(g[0], 2.0 * silu(1.0), 1e-7) && g[1] == 0.0);
     }
 }
