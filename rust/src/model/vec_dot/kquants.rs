@@ -117,6 +117,18 @@ pub(crate) trait KBlock {
     fn decode(b: &[u8]) -> Decoded;
 }
 
+/// The 256 levels of a block, level(c, l) giving element 32c + l (as a byte, two's complement).
+#[inline(always)]
+fn levels(level: impl Fn(usize, usize) -> u8) -> [i8; QK_K] {
+    let mut q = [0i8; QK_K];
+    for c in 0..8 {
+        for l in 0..32 {
+            q[32 * c + l] = level(c, l) as i8;
+        }
+    }
+    q
+}
+
 pub(crate) struct Q2K;
 pub(crate) struct Q3K;
 pub(crate) struct Q4K;
@@ -132,10 +144,7 @@ impl KBlock for Q2K {
         Decoded {
             d: read_f16(&b[80..82]),
             dmin: read_f16(&b[82..84]),
-            q: std::array::from_fn(|i| {
-                let (h, s, l) = (i / 128, (i / 32) % 4, i % 32);
-                ((qs[32 * h + l] >> (2 * s)) & 3) as i8
-            }),
+            q: levels(|c, l| (qs[32 * (c / 4) + l] >> (2 * (c % 4))) & 3),
             sc: std::array::from_fn(|j| (b[j] & 0xF) as i16),
             m: std::array::from_fn(|j| (b[j] >> 4) as i16),
         }
@@ -152,11 +161,10 @@ impl KBlock for Q3K {
         Decoded {
             d: read_f16(&b[108..110]),
             dmin: 0.0,
-            q: std::array::from_fn(|i| {
-                let (c, l) = (i / 32, i % 32);
+            q: levels(|c, l| {
                 let lo = (qs[32 * (c / 4) + l] >> (2 * (c % 4))) & 3;
                 let hi = (hm[l] >> c) & 1;
-                (lo | (hi << 2)) as i8 - 4
+                (lo | (hi << 2)).wrapping_sub(4)
             }),
             sc: std::array::from_fn(|j| scale_at(s, j) as i16),
             m: [0; 16],
@@ -175,10 +183,7 @@ impl KBlock for Q4K {
         Decoded {
             d: read_f16(&b[0..2]),
             dmin: read_f16(&b[2..4]),
-            q: std::array::from_fn(|i| {
-                let (c, l) = (i / 32, i % 32);
-                ((qs[32 * (c / 2) + l] >> (4 * (c % 2))) & 0xF) as i8
-            }),
+            q: levels(|c, l| (qs[32 * (c / 2) + l] >> (4 * (c % 2))) & 0xF),
             sc: std::array::from_fn(|j| sm[j / 2].0 as i16),
             m: std::array::from_fn(|j| sm[j / 2].1 as i16),
         }
@@ -195,10 +200,9 @@ impl KBlock for Q5K {
         Decoded {
             d: read_f16(&b[0..2]),
             dmin: read_f16(&b[2..4]),
-            q: std::array::from_fn(|i| {
-                let (c, l) = (i / 32, i % 32);
+            q: levels(|c, l| {
                 let lo = (qs[32 * (c / 2) + l] >> (4 * (c % 2))) & 0xF;
-                (lo | (((qh[l] >> c) & 1) << 4)) as i8
+                lo | (((qh[l] >> c) & 1) << 4)
             }),
             sc: std::array::from_fn(|j| sm[j / 2].0 as i16),
             m: std::array::from_fn(|j| sm[j / 2].1 as i16),
@@ -217,11 +221,11 @@ impl KBlock for Q6K {
         Decoded {
             d: read_f16(&b[208..210]),
             dmin: 0.0,
-            q: std::array::from_fn(|i| {
-                let (h, s, l) = (i / 128, (i / 32) % 4, i % 32);
+            q: levels(|c, l| {
+                let (h, s) = (c / 4, c % 4);
                 let lo = (ql[64 * h + 32 * (s % 2) + l] >> (4 * (s / 2))) & 0xF;
                 let hi = (qh[32 * h + l] >> (2 * s)) & 3;
-                (lo | (hi << 4)) as i8 - 32
+                (lo | (hi << 4)).wrapping_sub(32)
             }),
             sc: std::array::from_fn(|j| b[192 + j] as i8 as i16),
             m: [0; 16],
@@ -973,6 +977,65 @@ mod tests {
         }
         for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::IQ4_XS, GgmlType::Q8_K] {
             assert!(kernels(ty).is_none() && scalar_kernels(ty).is_none(), "{ty}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    //! `cargo test --release --lib kquants::bench -- --ignored --nocapture`: ns per 256-element
+    //! block of one long row, fast vs scalar, 1 and 4 activation rows. Also leaves the rows in
+    //! /tmp/kdot_bench_* for timing ggml's kernels on the same bytes.
+    use super::*;
+    use crate::quant::{self, testdata};
+    use std::time::Instant;
+
+    fn time(mut f: impl FnMut() -> f32) -> f64 {
+        let mut best = f64::MAX;
+        let mut sink = 0f32;
+        for _ in 0..7 {
+            let t = Instant::now();
+            for _ in 0..20 {
+                sink += f();
+            }
+            best = best.min(t.elapsed().as_secs_f64() / 20.0);
+        }
+        std::hint::black_box(sink);
+        best
+    }
+
+    #[test]
+    #[ignore]
+    fn kquant_dot_speed() {
+        let n = 256 * 512;
+        let nb = (n / QK_K) as f64;
+        let x: Vec<Vec<u8>> = (0..4)
+            .map(|s| {
+                let mut q = vec![0u8; n / QK_K * ACT_BYTES];
+                quantize_act_q8_k(&testdata::heavy_tailed(100 + s, n), &mut q);
+                q
+            })
+            .collect();
+        std::fs::write("/tmp/kdot_bench_act", &x[0]).unwrap();
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q5_K, GgmlType::Q3_K, GgmlType::Q2_K] {
+            let w = quant::quantize("w", &testdata::heavy_tailed(7, n), n, ty, None).unwrap();
+            std::fs::write(format!("/tmp/kdot_bench_{}", ty.to_string().to_lowercase()), &w)
+                .unwrap();
+            let fast = kernels(ty).unwrap();
+            let scalar = scalar_kernels(ty).unwrap();
+            let rows = [x[0].as_slice(), &x[1], &x[2], &x[3]];
+            let f1 = time(|| (fast.vec_dot)(&w, &x[0]));
+            let f4 = time(|| (fast.vec_dot_x4)(&w, rows)[3]);
+            let s1 = time(|| (scalar.vec_dot)(&w, &x[0]));
+            let s4 = time(|| (scalar.vec_dot_x4)(&w, rows)[3]);
+            let ns = |t: f64| t * 1e9 / nb;
+            eprintln!(
+                "{ty}: fast {:.1} ns/block, x4 {:.1} ns/block/row; scalar {:.1}, x4 {:.1}",
+                ns(f1),
+                ns(f4) / 4.0,
+                ns(s1),
+                ns(s4) / 4.0
+            );
         }
     }
 }
