@@ -257,7 +257,15 @@ fn block_ints<B: KBlock>(dec: &Decoded, a: &[u8]) -> (i32, i32) {
 
 /// The float step every kernel shares (the AVX2 ones do these same IEEE operations per lane).
 #[inline(always)]
-fn block_float(acc: f32, da: f32, dec_d: f32, dec_dmin: f32, sumi: i32, summ: i32, mins: bool) -> f32 {
+fn block_float(
+    acc: f32,
+    da: f32,
+    dec_d: f32,
+    dec_dmin: f32,
+    sumi: i32,
+    summ: i32,
+    mins: bool,
+) -> f32 {
     let main = (da * dec_d) * sumi as f32;
     if mins {
         acc + (main - (da * dec_dmin) * summ as f32)
@@ -331,6 +339,7 @@ mod avx2 {
         _mm256_loadu_si256(p as *const __m256i)
     }
 
+    /// Safety: p..p+4 must be readable.
     #[inline]
     unsafe fn u32_at(p: *const u8) -> u32 {
         u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)])
@@ -429,7 +438,13 @@ mod avx2 {
             bsum_w: _mm256_cvtepu8_epi16(hi),
         };
         let split = split_scales(_mm256_cvtepu8_epi16(lo));
-        (Q2 { qs: b.add(16), split }, common)
+        (
+            Q2 {
+                qs: b.add(16),
+                split,
+            },
+            common,
+        )
     }
 
     #[inline]
@@ -489,6 +504,7 @@ mod avx2 {
     }
 
     /// Q4_K/Q5_K's 8 six-bit scales and mins (get_scale_min_k4) as ([sc0..sc8], [m0..m8]) bytes.
+    /// Safety: s..s+12 must be readable.
     #[inline]
     unsafe fn k4_scales_mins(s: *const u8) -> (u64, u64) {
         let (a0, a1, a2) = (u32_at(s), u32_at(s.add(4)), u32_at(s.add(8)));
@@ -588,7 +604,11 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     unsafe fn chunk_q6(st: &Q6, c: usize) -> (__m256i, __m256i) {
         let (h, s) = (c / 4, c % 4);
-        let lo = field(load(st.ql.add(64 * h + 32 * (s % 2))), 4 * (s / 2) as u32, 0x0F);
+        let lo = field(
+            load(st.ql.add(64 * h + 32 * (s % 2))),
+            4 * (s / 2) as u32,
+            0x0F,
+        );
         let qh = load(st.qh.add(32 * h));
         // the 2-bit field at bits 2s..2s+2 moved to bits 4..6
         let moved = if s <= 2 {
@@ -669,7 +689,8 @@ mod avx2 {
                     }
                     let da = _mm_loadu_ps(da.as_ptr());
                     // block_float's operations, lane by lane
-                    let main = _mm_mul_ps(_mm_mul_ps(da, _mm_set1_ps(common.d)), _mm_cvtepi32_ps(s));
+                    let main =
+                        _mm_mul_ps(_mm_mul_ps(da, _mm_set1_ps(common.d)), _mm_cvtepi32_ps(s));
                     if $mins {
                         let dm = _mm_mul_ps(da, _mm_set1_ps(common.dmin));
                         acc = _mm_add_ps(acc, _mm_sub_ps(main, _mm_mul_ps(dm, _mm_cvtepi32_ps(m))));
@@ -734,7 +755,11 @@ mod tests {
         let mut v = vec![];
         for blk in a.chunks_exact(ACT_BYTES) {
             let d = act_d(blk) as f64;
-            v.extend(blk[ACT_QS..ACT_QS + QK_K].iter().map(|q| d * *q as i8 as f64));
+            v.extend(
+                blk[ACT_QS..ACT_QS + QK_K]
+                    .iter()
+                    .map(|q| d * *q as i8 as f64),
+            );
         }
         v
     }
@@ -800,7 +825,11 @@ mod tests {
             let (tw, tx, ta) = (t("w"), t("x"), t("act"));
             assert_eq!(tw.ty, ty);
             // Q8_K blocks, stored as raw bytes (I8) when the writer does not know the type
-            assert!(ta.ty == GgmlType::Q8_K || ta.ty == GgmlType::I8, "{ty}: act {}", ta.ty);
+            assert!(
+                ta.ty == GgmlType::Q8_K || ta.ty == GgmlType::I8,
+                "{ty}: act {}",
+                ta.ty
+            );
             let n_cols = tw.dims[0] as usize;
             let n_rows = tw.dims[1] as usize;
             let n_tok = tx.dims[1] as usize;
@@ -821,7 +850,10 @@ mod tests {
             for tok in 0..n_tok {
                 let mut q = vec![0u8; arow];
                 (fast.quantize_act)(&x[tok * n_cols..(tok + 1) * n_cols], &mut q);
-                assert!(q == act[tok * arow..(tok + 1) * arow], "{ty}: act row {tok}");
+                assert!(
+                    q == act[tok * arow..(tok + 1) * arow],
+                    "{ty}: act row {tok}"
+                );
             }
 
             // (b) the dots agree with ggml's AVX2 and generic kernels to float rounding
@@ -835,7 +867,10 @@ mod tests {
                     for (k, name) in [(&fast, "fast"), (&scalar, "scalar")] {
                         let got = (k.vec_dot)(wr, ar);
                         let err = (got as f64 - want as f64).abs();
-                        assert!(err <= tol, "{ty} {name} row {r} tok {tok}: {got} vs ggml {want}");
+                        assert!(
+                            err <= tol,
+                            "{ty} {name} row {r} tok {tok}: {got} vs ggml {want}"
+                        );
                         worst = worst.max(err / tol);
                     }
                     let g = dot_generic[tok * n_rows + r];
@@ -863,7 +898,9 @@ mod tests {
                     }
                 }
             }
-            eprintln!("{ty}: {n_rows}x{n_cols}, {n_tok} tokens; worst |ours - ggml| / bound = {worst:.3}");
+            eprintln!(
+                "{ty}: {n_rows}x{n_cols}, {n_tok} tokens; worst |ours - ggml| / bound = {worst:.3}"
+            );
         }
     }
 
@@ -893,7 +930,10 @@ mod tests {
     fn act_rows(n: usize) -> Vec<(&'static str, Vec<u8>)> {
         let mut outlier = testdata::heavy_tailed(31, n);
         outlier[n / 2 + 7] = 3.0e4;
-        let tiny: Vec<f32> = testdata::gaussian(32, n).iter().map(|v| v * 1e-30).collect();
+        let tiny: Vec<f32> = testdata::gaussian(32, n)
+            .iter()
+            .map(|v| v * 1e-30)
+            .collect();
         let rows: Vec<(&'static str, Vec<f32>)> = vec![
             ("heavy tailed", testdata::heavy_tailed(33, n)),
             ("gaussian", testdata::gaussian(34, n)),
@@ -902,7 +942,9 @@ mod tests {
             ("outlier", outlier),
             ("tiny", tiny),
         ];
-        rows.into_iter().map(|(s, x)| (s, quantize_acts(&x))).collect()
+        rows.into_iter()
+            .map(|(s, x)| (s, quantize_acts(&x)))
+            .collect()
     }
 
     /// Weight rows (quantized): random ones and testdata's adversarial set.
@@ -949,7 +991,8 @@ mod tests {
                         }
                     }
                     for start in [0, 2] {
-                        let rows: [&[u8]; 4] = std::array::from_fn(|j| acts[start + j].1.as_slice());
+                        let rows: [&[u8]; 4] =
+                            std::array::from_fn(|j| acts[start + j].1.as_slice());
                         for (k, name) in [(&fast, "fast"), (&scalar, "scalar")] {
                             let four = (k.vec_dot_x4)(&wq, rows);
                             for j in 0..4 {
@@ -975,8 +1018,16 @@ mod tests {
             assert_eq!(k.act_type, GgmlType::Q8_K);
             assert_eq!(k.act_row_bytes(512), 2 * ACT_BYTES);
         }
-        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::IQ4_XS, GgmlType::Q8_K] {
-            assert!(kernels(ty).is_none() && scalar_kernels(ty).is_none(), "{ty}");
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::IQ4_XS,
+            GgmlType::Q8_K,
+        ] {
+            assert!(
+                kernels(ty).is_none() && scalar_kernels(ty).is_none(),
+                "{ty}"
+            );
         }
     }
 }
@@ -1017,10 +1068,19 @@ mod bench {
             })
             .collect();
         std::fs::write("/tmp/kdot_bench_act", &x[0]).unwrap();
-        for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q5_K, GgmlType::Q3_K, GgmlType::Q2_K] {
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            GgmlType::Q5_K,
+            GgmlType::Q3_K,
+            GgmlType::Q2_K,
+        ] {
             let w = quant::quantize("w", &testdata::heavy_tailed(7, n), n, ty, None).unwrap();
-            std::fs::write(format!("/tmp/kdot_bench_{}", ty.to_string().to_lowercase()), &w)
-                .unwrap();
+            std::fs::write(
+                format!("/tmp/kdot_bench_{}", ty.to_string().to_lowercase()),
+                &w,
+            )
+            .unwrap();
             let fast = kernels(ty).unwrap();
             let scalar = scalar_kernels(ty).unwrap();
             let rows = [x[0].as_slice(), &x[1], &x[2], &x[3]];
