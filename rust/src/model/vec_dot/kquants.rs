@@ -15,6 +15,10 @@
 //! as off·Σ_j sc_j·bsum_j) and then perform exactly these float operations, so the fast, scalar
 //! and 4-row kernels all return the same bits. ggml instead accumulates the block terms in 8
 //! float lanes; the two differ by float rounding only (see the tests for the bound).
+//!
+//! The offset trick relies on the activations' bsums being the sums of their levels, which holds
+//! for every Q8_K block written by `quantize_act_q8_k` or ggml (ggml's all-zero blocks leave the
+//! bsums unwritten, but their d = 0 zeroes the term).
 
 // Index loops over the sub-blocks mirror the block layouts.
 #![allow(clippy::needless_range_loop)]
