@@ -18,12 +18,20 @@ from .tokenizer import GGUFTokenizer
 class Model:
     """A GGUF Qwen3-MoE / Qwen3 model on the CPU, with a KV cache of ``n_ctx`` positions.
 
-    ``threads``: worker threads (None = one per core). ``kv_type``: "f32" or "f16" cache.
+    ``threads``: worker threads (None = one per core). ``kv_type``: the KV cache's storage, "f32",
+    "f16" or "q8_0" (llama.cpp's ``-ctk``); ``kv_type_v``: a different type for the values (``-ctv``).
     """
 
-    def __init__(self, path: str | Path | None = None, threads: int | None = None, n_ctx: int = 512, kv_type="f32"):
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        threads: int | None = None,
+        n_ctx: int = 512,
+        kv_type: str = "f32",
+        kv_type_v: str | None = None,
+    ):
         self.path = Path(path) if path is not None else default_model_path()
-        self._engine = _core.Engine(str(self.path), threads, int(n_ctx), kv_type)
+        self._engine = _core.Engine(str(self.path), threads, int(n_ctx), kv_type, kv_type_v)
         self.metadata = GGUFFile(self.path).metadata
         self.tokenizer = GGUFTokenizer(self.metadata)
         self.config: dict = self._engine.config()
@@ -147,11 +155,19 @@ class Model:
         return self.generate(self.tokenize(prompt, special=True), **kwargs)
 
 
-def bench(path: str | Path, n_prompt: int = 512, n_gen: int = 128, threads: int | None = None, repeat: int = 1) -> dict:
+def bench(
+    path: str | Path,
+    n_prompt: int = 512,
+    n_gen: int = 128,
+    threads: int | None = None,
+    repeat: int = 1,
+    kv_type: str = "f16",
+    kv_type_v: str | None = None,
+) -> dict:
     """llama-bench style speeds: prompt processing of ``n_prompt`` tokens in one batch, and
-    generation of ``n_gen`` tokens one at a time from an empty cache. Returns tokens/second (best of
-    ``repeat`` runs) and the settings."""
-    m = Model(path, threads=threads, n_ctx=max(n_prompt, n_gen) + 1)
+    generation of ``n_gen`` tokens one at a time from an empty cache, with an f16 KV cache by
+    default as llama-bench. Returns tokens/second (best of ``repeat`` runs) and the settings."""
+    m = Model(path, threads=threads, n_ctx=max(n_prompt, n_gen) + 1, kv_type=kv_type, kv_type_v=kv_type_v)
     rng = np.random.default_rng(0)
     vocab = m.config["n_vocab"]
     prompt = rng.integers(0, vocab, n_prompt).tolist()

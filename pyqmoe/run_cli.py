@@ -21,6 +21,17 @@ _threads_option = click.option(
 )
 
 
+_KV_TYPES = click.Choice(["f32", "f16", "q8_0"], case_sensitive=False)
+
+
+def _kv_options(f):
+    """llama.cpp's -ctk / -ctv: the KV cache's storage type (values default to the keys' type)."""
+    f = click.option("-ctv", "--cache-type-v", "kv_type_v", type=_KV_TYPES, default=None, help="V cache type.")(f)
+    return click.option(
+        "-ctk", "--cache-type-k", "kv_type", type=_KV_TYPES, default="f16", show_default=True, help="K cache type."
+    )(f)
+
+
 def _sampling_options(f):
     opts = [
         click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=128, show_default=True),
@@ -37,10 +48,10 @@ def _sampling_options(f):
     return f
 
 
-def _load(model_path, threads, n_ctx):
+def _load(model_path, threads, n_ctx, kv_type="f16", kv_type_v=None):
     from .model import Model
 
-    return Model(model_path, threads=threads, n_ctx=n_ctx)
+    return Model(model_path, threads=threads, n_ctx=n_ctx, kv_type=kv_type, kv_type_v=kv_type_v)
 
 
 def _sampling(kw) -> dict:
@@ -52,9 +63,10 @@ def _sampling(kw) -> dict:
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
 @_threads_option
 @_sampling_options
-def generate(model_path, prompt, threads, n_ctx, **kw):
+@_kv_options
+def generate(model_path, prompt, threads, n_ctx, kv_type, kv_type_v, **kw):
     """Continue PROMPT with the model, streaming the text to stdout."""
-    m = _load(model_path, threads, n_ctx)
+    m = _load(model_path, threads, n_ctx, kv_type, kv_type_v)
     click.echo(prompt, nl=False)
     for piece in m.generate(prompt, **_sampling(kw)):
         click.echo(piece, nl=False)
@@ -67,9 +79,10 @@ def generate(model_path, prompt, threads, n_ctx, **kw):
 @_threads_option
 @click.option("-s", "--system", default=None, help="System prompt.")
 @_sampling_options
-def chat(model_path, threads, system, n_ctx, **kw):
+@_kv_options
+def chat(model_path, threads, system, n_ctx, kv_type, kv_type_v, **kw):
     """Interactive chat: one user message per stdin line, replies streamed. Ctrl-D ends."""
-    m = _load(model_path, threads, n_ctx)
+    m = _load(model_path, threads, n_ctx, kv_type, kv_type_v)
     messages = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -98,12 +111,15 @@ def chat(model_path, threads, system, n_ctx, **kw):
 @_threads_option
 @click.option("-r", "--repetitions", type=click.IntRange(min=1), default=1, show_default=True, help="Best of N runs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def bench(model_path, n_prompt, n_gen, threads, repetitions, as_json):
+@_kv_options
+def bench(model_path, n_prompt, n_gen, threads, repetitions, as_json, kv_type, kv_type_v):
     """Prompt-processing and generation speed in tokens/second (like llama-bench)."""
     from .model import bench as run_bench
     from .models import default_model_path
 
-    r = run_bench(model_path or default_model_path(), n_prompt, n_gen, threads, repetitions)
+    r = run_bench(
+        model_path or default_model_path(), n_prompt, n_gen, threads, repetitions, kv_type=kv_type, kv_type_v=kv_type_v
+    )
     if as_json:
         click.echo(json.dumps(r))
         return

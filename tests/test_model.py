@@ -73,6 +73,25 @@ def test_f16_kv_cache_is_close(tiny_model, tokens, data_dir):
     assert rel_diff(m.eval(tokens), ref) < 2e-3
 
 
+@pytest.mark.parametrize("kv_type, kv_type_v, tol", [("q8_0", None, 2e-2), ("q8_0", "f16", 2e-2), ("f16", "q8_0", 2e-2)])
+def test_q8_0_kv_cache_is_close(tiny_model, tokens, data_dir, kv_type, kv_type_v, tol):
+    """A q8_0 cache (llama.cpp's -ctk/-ctv q8_0) stores every 32 values as one int8 block: close
+    to transformers, and its rounding visibly differs from the f32 cache's (it is really used)."""
+    ref = np.load(data_dir / "tiny-qwen3moe-logits.npy")
+    m = pyqmoe.Model(tiny_model, n_ctx=32, kv_type=kv_type, kv_type_v=kv_type_v, threads=1)
+    got = m.eval(tokens)
+    assert rel_diff(got, ref) < tol
+    assert rel_diff(got, ref) > 1e-6
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+def test_kv_type_errors(tiny_model):
+    with pytest.raises(ValueError, match="unknown KV cache type 'q4_0'"):
+        pyqmoe.Model(tiny_model, kv_type="q4_0")
+    with pytest.raises(ValueError, match="kv_type_v"):
+        pyqmoe.Model(tiny_model, kv_type_v="bf16")
+
+
 def test_q8_0_matches_llamacpp(tiny_model, tokens, data_dir, tmp_path):
     """`pyqmoe quantize` to Q8_0, then the engine against llama.cpp's stored logits for that file."""
     stored = np.load(data_dir / "tiny-qwen3moe-q8_0-llamacpp-logits.npz")
@@ -205,3 +224,7 @@ def test_cli_generate_chat_bench(tiny_model):
 
     r = json.loads(p.stdout)
     assert r["threads"] == 1 and r["pp_tok_s"] > 0 and r["tg_tok_s"] > 0
+    p = run_cli("generate", "-m", tiny_model, "-p", "Python is", "-n", "4", "-ctk", "q8_0", "-ctv", "q8_0")
+    assert p.returncode == 0, p.stderr
+    p = run_cli("generate", "-m", tiny_model, "-p", "x", "-ctk", "q4_0")
+    assert p.returncode != 0 and "q4_0" in p.stderr

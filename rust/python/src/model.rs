@@ -97,22 +97,22 @@ impl Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (path, threads=None, n_ctx=512, kv_type="f32"))]
+    #[pyo3(signature = (path, threads=None, n_ctx=512, kv_type="f32", kv_type_v=None))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         threads: Option<usize>,
         n_ctx: usize,
         kv_type: &str,
+        kv_type_v: Option<&str>,
     ) -> PyResult<Self> {
-        let kv = match kv_type.to_ascii_lowercase().as_str() {
-            "f32" => KvType::F32,
-            "f16" => KvType::F16,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "kv_type must be 'f32' or 'f16', not '{other}'"
-                )))
+        let type_k =
+            KvType::parse(kv_type).map_err(|e| PyValueError::new_err(format!("kv_type: {e}")))?;
+        let type_v = match kv_type_v {
+            Some(v) => {
+                KvType::parse(v).map_err(|e| PyValueError::new_err(format!("kv_type_v: {e}")))?
             }
+            None => type_k,
         };
         if n_ctx == 0 {
             return Err(PyValueError::new_err("n_ctx must be > 0"));
@@ -127,7 +127,7 @@ impl Engine {
             .build()
             .map_err(|e| PyValueError::new_err(format!("cannot start {n_threads} threads: {e}")))?;
         let model = py.detach(|| Model::open(&path)).map_err(to_py)?;
-        let state = model.new_state(n_ctx, kv);
+        let state = model.new_state(n_ctx, type_k, type_v).map_err(to_py)?;
         Ok(Engine {
             model,
             state,

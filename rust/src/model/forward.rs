@@ -38,11 +38,30 @@ pub enum KvType {
     F32,
     /// Half the memory; values rounded to f16 as llama.cpp's default cache does.
     F16,
+    /// About a quarter of the memory: every 32 values of a row as one Q8_0 block (llama.cpp's
+    /// `-ctk q8_0` / `-ctv q8_0`); the row width must be a multiple of 32.
+    Q8_0,
+}
+
+impl KvType {
+    /// llama.cpp's names: "f32", "f16", "q8_0".
+    pub fn parse(name: &str) -> Result<KvType> {
+        match name.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvType::F32),
+            "f16" => Ok(KvType::F16),
+            "q8_0" => Ok(KvType::Q8_0),
+            other => Err(Error::Invalid(format!(
+                "unknown KV cache type '{other}' (use f32, f16 or q8_0)"
+            ))),
+        }
+    }
 }
 
 enum KvBuf {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    /// Q8_0 blocks of 34 bytes, 32 values each.
+    Q8_0(Vec<u8>),
 }
 
 impl KvBuf {
@@ -50,12 +69,18 @@ impl KvBuf {
         match ty {
             KvType::F32 => KvBuf::F32(vec![0.0; n]),
             KvType::F16 => KvBuf::F16(vec![f16::ZERO; n]),
+            KvType::Q8_0 => KvBuf::Q8_0(vec![0u8; n / 32 * 34]),
         }
     }
     fn write(&mut self, at: usize, src: &[f32]) {
         match self {
             KvBuf::F32(b) => b[at..at + src.len()].copy_from_slice(src),
             KvBuf::F16(b) => b[at..at + src.len()].convert_from_f32_slice(src),
+            // llama.cpp fills a q8_0 cache with its CPU `from_float`, as activations are quantized
+            KvBuf::Q8_0(b) => {
+                let (from, to) = (at / 32 * 34, (at + src.len()) / 32 * 34);
+                super::vec_dot::quantize_act_q8_0(src, &mut b[from..to])
+            }
         }
     }
     /// The first `n` values as f32: borrowed for F32, converted once per call for F16.
@@ -67,13 +92,22 @@ impl KvBuf {
                 b[..n].convert_to_f32_slice(&mut out);
                 std::borrow::Cow::Owned(out)
             }
+            KvBuf::Q8_0(b) => {
+                let mut out = vec![0f32; n];
+                (crate::quant::legacy::q8_0::Q8_0_KERNELS.dequantize_row)(
+                    &b[..n / 32 * 34],
+                    &mut out,
+                );
+                std::borrow::Cow::Owned(out)
+            }
         }
     }
 }
 
 /// Keys and values of every layer for positions 0..n_ctx, each position a row of all KV heads.
 pub struct KvCache {
-    pub ty: KvType,
+    pub type_k: KvType,
+    pub type_v: KvType,
     pub n_ctx: usize,
     k_width: usize,
     v_width: usize,
@@ -98,25 +132,34 @@ impl State {
 }
 
 impl Model {
-    /// A fresh state with room for `n_ctx` positions.
-    pub fn new_state(&self, n_ctx: usize, kv_type: KvType) -> State {
+    /// A fresh state with room for `n_ctx` positions, keys stored as `type_k` and values as
+    /// `type_v` (llama.cpp's `-ctk` / `-ctv`).
+    pub fn new_state(&self, n_ctx: usize, type_k: KvType, type_v: KvType) -> Result<State> {
         let c = &self.config;
         let (kw, vw) = (c.n_head_kv * c.head_dim_k, c.n_head_kv * c.head_dim_v);
-        State {
+        for (ty, width, what) in [(type_k, kw, "K"), (type_v, vw, "V")] {
+            if ty == KvType::Q8_0 && width % 32 != 0 {
+                return Err(Error::Invalid(format!(
+                    "a q8_0 {what} cache needs rows of a multiple of 32 values; this model's are {width}"
+                )));
+            }
+        }
+        Ok(State {
             kv: KvCache {
-                ty: kv_type,
+                type_k,
+                type_v,
                 n_ctx,
                 k_width: kw,
                 v_width: vw,
                 k: (0..c.n_layer)
-                    .map(|_| KvBuf::new(kv_type, n_ctx * kw))
+                    .map(|_| KvBuf::new(type_k, n_ctx * kw))
                     .collect(),
                 v: (0..c.n_layer)
-                    .map(|_| KvBuf::new(kv_type, n_ctx * vw))
+                    .map(|_| KvBuf::new(type_v, n_ctx * vw))
                     .collect(),
             },
             n_past: 0,
-        }
+        })
     }
 
     fn mat<'a>(&'a self, w: &'a WeightRef) -> Mat<'a> {
@@ -491,7 +534,8 @@ fn dot_kq(q: &[f32], k: &[f32]) -> f32 {
             }
         }
     }
-    let lanes: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
+    let lanes: [f32; 8] =
+        std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
     let mut s = ops::reduce8(&lanes);
     for i in body..n {
         s += q[i] * k[i];

@@ -187,7 +187,11 @@ fn swiglu_body(gate: &mut [f32], up: &[f32], width: usize) {
     for (gr, ur) in gate.chunks_exact_mut(width).zip(up.chunks_exact(width)) {
         for (i, (g, &u)) in gr.iter_mut().zip(ur).enumerate() {
             let x = *g;
-            let s = if i < tail { silu(x) } else { x / (1.0 + (-x).exp()) };
+            let s = if i < tail {
+                silu(x)
+            } else {
+                x / (1.0 + (-x).exp())
+            };
             *g = s * u;
         }
     }

@@ -1088,7 +1088,9 @@ pub static IQ1S_GRID: [u64; 2048] = [
 ];
 
 /// kvalues_iq4nl: the 16 non-linear levels of IQ4_NL and IQ4_XS.
-pub const KVALUES_IQ4NL: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+pub const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// ksigns_iq2xs: 7 sign bits, the 8th set so that the number of negative signs is even.
 #[rustfmt::skip]

@@ -14,12 +14,12 @@ use crate::types::GgmlType;
 
 pub mod cpu;
 pub mod float;
-pub mod kquants;
-pub mod iq3;
-pub mod iq4;
 pub mod iq1;
 pub mod iq2;
+pub mod iq3;
+pub mod iq4;
 pub mod iq_tables;
+pub mod kquants;
 pub mod legacy;
 pub mod testdata;
 pub mod util;
@@ -108,7 +108,11 @@ fn kernels_or_err(ty: GgmlType, what: &str) -> Result<&'static Kernels> {
 
 /// The types pyqmoe can quantize to and dequantize from.
 pub fn supported_types() -> Vec<GgmlType> {
-    crate::types::ALL_TYPES.iter().copied().filter(|t| kernels(*t).is_some()).collect()
+    crate::types::ALL_TYPES
+        .iter()
+        .copied()
+        .filter(|t| kernels(*t).is_some())
+        .collect()
 }
 
 /// Rows handed to one rayon task: enough work to amortise scheduling, small enough to balance.
@@ -179,7 +183,10 @@ fn check_imatrix(tensor: &str, imatrix: &[f32], n_per_row: usize, n_rows: usize)
     if let Some(i) = imatrix.iter().position(|v| !v.is_finite() || *v < 0.0) {
         return Err(Error::tensor(
             tensor,
-            format!("importance matrix entry {i} is {} (must be finite and >= 0)", imatrix[i]),
+            format!(
+                "importance matrix entry {i} is {} (must be finite and >= 0)",
+                imatrix[i]
+            ),
         ));
     }
     Ok(n_rows / k)
@@ -200,7 +207,11 @@ pub fn quantize_into(
     if dst.len() != n_rows * row_bytes {
         return Err(Error::tensor(
             tensor,
-            format!("output buffer has {} bytes, need {}", dst.len(), n_rows * row_bytes),
+            format!(
+                "output buffer has {} bytes, need {}",
+                dst.len(),
+                n_rows * row_bytes
+            ),
         ));
     }
     if k.requires_imatrix && imatrix.is_none() {
@@ -230,7 +241,11 @@ pub fn quantize_into(
                 saw_non_finite.store(true, Ordering::Relaxed);
                 return;
             }
-            for (j, (o, x)) in out.chunks_mut(row_bytes).zip(inp.chunks(n_per_row)).enumerate() {
+            for (j, (o, x)) in out
+                .chunks_mut(row_bytes)
+                .zip(inp.chunks(n_per_row))
+                .enumerate()
+            {
                 let row = task * step + j;
                 let w = imatrix.map(|w| {
                     let s = row / rows_per_slice;
@@ -310,7 +325,11 @@ pub fn dequantize(tensor: &str, src: &[u8], n_per_row: usize, ty: GgmlType) -> R
     if row_bytes == 0 || src.len() % row_bytes != 0 {
         return Err(Error::tensor(
             tensor,
-            format!("{} bytes are not whole rows of {} ({row_bytes} bytes each)", src.len(), ty.name()),
+            format!(
+                "{} bytes are not whole rows of {} ({row_bytes} bytes each)",
+                src.len(),
+                ty.name()
+            ),
         ));
     }
     let mut dst = vec![0f32; src.len() / row_bytes * n_per_row];
@@ -328,7 +347,10 @@ mod tests {
         x[40] = f32::NAN;
         let e = quantize("blk.0.attn_q.weight", &x, 32, GgmlType::Q8_0, None).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("blk.0.attn_q.weight") && msg.contains("row 1, column 8"), "{msg}");
+        assert!(
+            msg.contains("blk.0.attn_q.weight") && msg.contains("row 1, column 8"),
+            "{msg}"
+        );
         x[40] = f32::INFINITY;
         assert!(quantize("t", &x, 32, GgmlType::Q8_0, None).is_err());
     }
@@ -336,7 +358,10 @@ mod tests {
     #[test]
     fn refuses_partial_blocks_and_bad_imatrix() {
         let x = vec![1.0f32; 48];
-        assert!(quantize("t", &x, 48, GgmlType::Q8_0, None).unwrap_err().to_string().contains("block size"));
+        assert!(quantize("t", &x, 48, GgmlType::Q8_0, None)
+            .unwrap_err()
+            .to_string()
+            .contains("block size"));
         let x = vec![1.0f32; 64];
         assert!(quantize("t", &x, 32, GgmlType::Q8_0, Some(&[1.0; 31])).is_err());
         assert!(quantize("t", &x, 32, GgmlType::Q8_0, Some(&[-1.0; 32])).is_err());
@@ -346,8 +371,14 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_bytes() {
         let x = testdata::heavy_tailed(7, 64 * 512);
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let many = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let many = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
         let w = testdata::importance(8, 512);
         for ty in supported_types() {
             let imatrix = kernels(ty).unwrap().requires_imatrix.then_some(&w[..]);

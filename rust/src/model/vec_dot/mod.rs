@@ -780,7 +780,9 @@ pub(crate) mod llamacpp_vectors {
         );
         let f = GgufFile::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let get = |name: &str| {
-            let t = f.tensor(name).unwrap_or_else(|| panic!("{path}: no tensor {name}"));
+            let t = f
+                .tensor(name)
+                .unwrap_or_else(|| panic!("{path}: no tensor {name}"));
             (f.tensor_data(t).to_vec(), t.dims.clone())
         };
         let (w, ws) = get("w");
@@ -807,15 +809,17 @@ pub(crate) mod llamacpp_vectors {
     pub fn check(type_name: &str, k: &super::DotKernels, rel: f64) {
         let v = load(type_name);
         let ty = crate::types::GgmlType::from_name(type_name).expect("known type");
-        let wf: Vec<Vec<f32>> = v
-            .w
-            .iter()
-            .map(|r| crate::quant::dequantize("w", r, v.n_cols, ty).unwrap())
-            .collect();
+        let wf: Vec<Vec<f32>> =
+            v.w.iter()
+                .map(|r| crate::quant::dequantize("w", r, v.n_cols, ty).unwrap())
+                .collect();
         for (t, (x, act)) in v.x.iter().zip(&v.act).enumerate() {
             let mut mine = vec![0u8; act.len()];
             (k.quantize_act)(x, &mut mine);
-            assert!(mine == *act, "{type_name}: activation row {t} differs from ggml's");
+            assert!(
+                mine == *act,
+                "{type_name}: activation row {t} differs from ggml's"
+            );
         }
         let n_tok = v.act.len();
         for r in 0..v.n_rows {
@@ -830,9 +834,16 @@ pub(crate) mod llamacpp_vectors {
                 let want = v.dot[t * v.n_rows + r] as f64;
                 let got = (k.vec_dot)(&v.w[r], &v.act[t]) as f64;
                 let tol = rel * mag.max(1e-30);
-                assert!((got - want).abs() <= tol, "{type_name} row {r} tok {t}: {got} vs ggml {want}");
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{type_name} row {r} tok {t}: {got} vs ggml {want}"
+                );
                 if t < 4 {
-                    assert_eq!(x4[t].to_bits(), (got as f32).to_bits(), "{type_name}: x4 vs single");
+                    assert_eq!(
+                        x4[t].to_bits(),
+                        (got as f32).to_bits(),
+                        "{type_name}: x4 vs single"
+                    );
                 }
             }
         }

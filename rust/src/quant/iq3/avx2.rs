@@ -15,7 +15,13 @@ pub(crate) fn search(g: &Iq3Grid, p: SearchParams, sb: &SubBlock, l: &mut [i8; 3
 /// `x` and `w` are the group's 4 magnitudes and distance weights, broadcast.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn best_neighbour(g: &Iq3Grid, key: usize, x: &[__m256; 4], w: &[__m256; 4], scale: f32) -> usize {
+unsafe fn best_neighbour(
+    g: &Iq3Grid,
+    key: usize,
+    x: &[__m256; 4],
+    w: &[__m256; 4],
+    scale: f32,
+) -> usize {
     let nl = &g.lanes;
     let at = nl.at[key] as usize;
     let n = nl.len[key] as usize;
@@ -37,7 +43,8 @@ unsafe fn best_neighbour(g: &Iq3Grid, key: usize, x: &[__m256; 4], w: &[__m256; 
         let m = hmin(d2);
         if m < best_d2 {
             best_d2 = m;
-            let first = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(d2, _mm256_set1_ps(m))).trailing_zeros();
+            let first = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(d2, _mm256_set1_ps(m)))
+                .trailing_zeros();
             best = *nl.index.get_unchecked(at + c + first as usize);
         }
     }
@@ -56,7 +63,12 @@ unsafe fn hmin(v: __m256) -> f32 {
 
 #[target_feature(enable = "avx2")]
 unsafe fn search_avx2(g: &Iq3Grid, p: SearchParams, sb: &SubBlock, l: &mut [i8; 32]) -> f32 {
-    let SubBlock { xval, weight, waux, max } = *sb;
+    let SubBlock {
+        xval,
+        weight,
+        waux,
+        max,
+    } = *sb;
     let ntrial = (2 * p.nstep + 1) as usize;
     let mut best = 0f32;
     let mut scale = max / (2 * KMAX_Q - 1) as f32;
@@ -68,7 +80,10 @@ unsafe fn search_avx2(g: &Iq3Grid, p: SearchParams, sb: &SubBlock, l: &mut [i8; 
     let (zero, seven) = (_mm256_setzero_si256(), _mm256_set1_epi32(KMAX_Q - 1));
     let (one, half) = (_mm256_set1_ps(1.0), _mm256_set1_ps(0.5));
     let magic = _mm256_set1_ps(12_582_912.0);
-    let (mantissa, bias) = (_mm256_set1_epi32(0x007f_ffff), _mm256_set1_epi32(0x0040_0000));
+    let (mantissa, bias) = (
+        _mm256_set1_epi32(0x007f_ffff),
+        _mm256_set1_epi32(0x0040_0000),
+    );
     for first in (0..ntrial).step_by(8) {
         let lanes = (ntrial - first).min(8);
         let mut ids = [1f32; 8];
@@ -85,8 +100,10 @@ unsafe fn search_avx2(g: &Iq3Grid, p: SearchParams, sb: &SubBlock, l: &mut [i8; 
                 let x = _mm256_set1_ps(xval[4 * k + i]);
                 let v = _mm256_mul_ps(half, _mm256_sub_ps(_mm256_mul_ps(idv, x), one));
                 // nearest_int: the 1.5·2^23 trick, lane by lane.
-                let n =
-                    _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(_mm256_add_ps(v, magic)), mantissa), bias);
+                let n = _mm256_sub_epi32(
+                    _mm256_and_si256(_mm256_castps_si256(_mm256_add_ps(v, magic)), mantissa),
+                    bias,
+                );
                 let li = _mm256_max_epi32(zero, _mm256_min_epi32(seven, n));
                 _mm256_storeu_si256(lv[4 * k + i].as_mut_ptr().cast(), li);
                 key = _mm256_or_si256(key, _mm256_sllv_epi32(li, _mm256_set1_epi32(3 * i as i32)));

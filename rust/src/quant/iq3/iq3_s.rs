@@ -14,7 +14,10 @@ const QS: usize = 2;
 const QH: usize = 66;
 const SIGNS: usize = 74;
 const SCALES: usize = 106;
-const PARAMS: SearchParams = SearchParams { nstep: 9, xxs: false };
+const PARAMS: SearchParams = SearchParams {
+    nstep: 9,
+    xxs: false,
+};
 
 pub struct Iq3S;
 pub const IQ3_S_KERNELS: Kernels = kernels_of::<Iq3S>();
@@ -26,7 +29,11 @@ fn quantize_row_with(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>, searc
     let mut waux = [0f32; 32];
     let mut xval = [0f32; 32];
     let mut l = [0i8; 32];
-    for (ibl, (xbl, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+    for (ibl, (xbl, y)) in src
+        .chunks_exact(QK_K)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        .enumerate()
+    {
         y.fill(0);
         let mut scales = [0f32; 8];
         let mut max_scale = 0f32;
@@ -65,7 +72,12 @@ fn quantize_row_with(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>, searc
                 scales[ib] = 0.0;
                 continue;
             }
-            let sb = SubBlock { xval: &xval, weight: &weight, waux: &waux, max };
+            let sb = SubBlock {
+                xval: &xval,
+                weight: &weight,
+                waux: &waux,
+                max,
+            };
             let mut scale = search(g, PARAMS, &sb, &mut l);
             if scale < 0.0 {
                 scale = -scale;
@@ -129,7 +141,10 @@ impl BlockQuant for Iq3S {
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = f16::from_bits(u16::from_le_bytes([x[0], x[1]])).to_f32();
             for ib in 0..8 {
                 let db = sub_scale(x, d, ib);
@@ -137,7 +152,11 @@ impl BlockQuant for Iq3S {
                     let grid = IQ3S_GRID[grid_index(x, ib, k)];
                     let signs = x[SIGNS + 4 * ib + k / 2];
                     for j in 0..4 {
-                        let sign = if signs & (1 << (4 * (k % 2) + j)) != 0 { -1.0 } else { 1.0 };
+                        let sign = if signs & (1 << (4 * (k % 2) + j)) != 0 {
+                            -1.0
+                        } else {
+                            1.0
+                        };
                         y[32 * ib + 4 * k + j] = db * ((grid >> (8 * j)) & 0xff) as f32 * sign;
                     }
                 }
@@ -167,7 +186,10 @@ mod avx2 {
     pub(super) unsafe fn dequantize_row(src: &[u8], dst: &mut [f32]) {
         let bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         let (plus, minus) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-1.0));
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = half::f16::from_bits(u16::from_le_bytes([x[0], x[1]])).to_f32();
             for ib in 0..8 {
                 let db = _mm256_set1_ps(sub_scale(x, d, ib));
@@ -213,8 +235,9 @@ mod tests {
         Iq3S::quantize_row_ref(&x, &mut q, None);
         assert_eq!(&q[QS + 56..QS + 64], &[0; 8]);
         assert_eq!(&q[SIGNS + 28..SIGNS + 32], &[0; 4]);
-        let neg: Vec<u8> =
-            (0..4).map(|k| (0..8).fold(0, |s, i| s | (((x[32 + 8 * k + i] < 0.0) as u8) << i))).collect();
+        let neg: Vec<u8> = (0..4)
+            .map(|k| (0..8).fold(0, |s, i| s | (((x[32 + 8 * k + i] < 0.0) as u8) << i)))
+            .collect();
         assert_eq!(&q[SIGNS..SIGNS + 4], &neg[..]);
     }
 }

@@ -12,7 +12,10 @@ use crate::types::{GgmlType, QK_K};
 pub const BLOCK_BYTES: usize = 98;
 /// ggml's GROUP_MAX_EPS_IQ3_XXS: sub-blocks below this magnitude get scale 0.
 const GROUP_MAX_EPS: f32 = 1e-8;
-const PARAMS: SearchParams = SearchParams { nstep: 15, xxs: true };
+const PARAMS: SearchParams = SearchParams {
+    nstep: 15,
+    xxs: true,
+};
 
 pub struct Iq3Xxs;
 pub const IQ3_XXS_KERNELS: Kernels = kernels_of::<Iq3Xxs>();
@@ -24,7 +27,11 @@ fn quantize_row_with(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>, searc
     let mut waux = [0f32; 32];
     let mut xval = [0f32; 32];
     let mut l = [0i8; 32];
-    for (ibl, (xbl, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+    for (ibl, (xbl, y)) in src
+        .chunks_exact(QK_K)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        .enumerate()
+    {
         let mut q3 = [0u8; 64];
         let mut scales_and_signs = [0u32; 8];
         let mut scales = [0f32; 8];
@@ -77,7 +84,12 @@ fn quantize_row_with(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>, searc
                 scales[ib] = 0.0;
                 continue;
             }
-            let sb = SubBlock { xval: &xval, weight: &weight, waux: &waux, max };
+            let sb = SubBlock {
+                xval: &xval,
+                weight: &weight,
+                waux: &waux,
+                max,
+            };
             let mut scale = search(g, PARAMS, &sb, &mut l);
             if scale < 0.0 {
                 scale = -scale;
@@ -133,7 +145,10 @@ impl BlockQuant for Iq3Xxs {
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = f16::from_bits(u16::from_le_bytes([x[0], x[1]])).to_f32();
             for ib in 0..8 {
                 let aux = u32::from_le_bytes(x[66 + 4 * ib..70 + 4 * ib].try_into().unwrap());
@@ -143,8 +158,13 @@ impl BlockQuant for Iq3Xxs {
                     for half in 0..2 {
                         let grid = IQ3XXS_GRID[x[2 + 8 * ib + 2 * l + half] as usize];
                         for j in 0..4 {
-                            let sign = if signs & (1 << (4 * half + j)) != 0 { -1.0 } else { 1.0 };
-                            y[32 * ib + 8 * l + 4 * half + j] = db * ((grid >> (8 * j)) & 0xff) as f32 * sign;
+                            let sign = if signs & (1 << (4 * half + j)) != 0 {
+                                -1.0
+                            } else {
+                                1.0
+                            };
+                            y[32 * ib + 8 * l + 4 * half + j] =
+                                db * ((grid >> (8 * j)) & 0xff) as f32 * sign;
                         }
                     }
                 }
@@ -175,7 +195,10 @@ mod avx2 {
     pub(super) unsafe fn dequantize_row(src: &[u8], dst: &mut [f32]) {
         let bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         let (plus, minus) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-1.0));
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = half::f16::from_bits(u16::from_le_bytes([x[0], x[1]])).to_f32();
             for ib in 0..8 {
                 let aux = u32::from_le_bytes(x[66 + 4 * ib..70 + 4 * ib].try_into().unwrap());
@@ -186,7 +209,8 @@ mod avx2 {
                     let g2 = IQ3XXS_GRID[x[3 + 8 * ib + 2 * l] as usize];
                     let g = _mm_set_epi32(0, 0, g2 as i32, g1 as i32);
                     let mag = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(g));
-                    let neg = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(signs), bits), bits);
+                    let neg =
+                        _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(signs), bits), bits);
                     let sign = _mm256_blendv_ps(plus, minus, _mm256_castsi256_ps(neg));
                     let v = _mm256_mul_ps(_mm256_mul_ps(db, mag), sign);
                     _mm256_storeu_ps(y.as_mut_ptr().add(32 * ib + 8 * l), v);

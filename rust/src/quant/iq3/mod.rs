@@ -89,7 +89,8 @@ impl Iq3Grid {
         let mut neighbours = vec![];
         let mut dist2: Vec<(i32, usize)> = Vec::with_capacity(points.len());
         // Coordinates in separate columns so the distance loop vectorises.
-        let cols: [Vec<i32>; 4] = std::array::from_fn(|k| points.iter().map(|p| p[k] as i32).collect());
+        let cols: [Vec<i32>; 4] =
+            std::array::from_fn(|k| points.iter().map(|p| p[k] as i32).collect());
         let mut d2_all = vec![0i32; points.len()];
         for (u, entry) in map.iter_mut().enumerate() {
             if *entry >= 0 {
@@ -117,7 +118,13 @@ impl Iq3Grid {
             }
             let cut = smallest[nwant - 1];
             dist2.clear();
-            dist2.extend(d2_all.iter().enumerate().filter(|(_, d)| **d <= cut).map(|(j, d)| (*d, j)));
+            dist2.extend(
+                d2_all
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, d)| **d <= cut)
+                    .map(|(j, d)| (*d, j)),
+            );
             dist2.sort_unstable();
             *entry = -(neighbours.len() as i32 + 1);
             let start = neighbours.len();
@@ -136,7 +143,12 @@ impl Iq3Grid {
             neighbours[start] = (neighbours.len() - start - 1) as u16;
         }
         let lanes = NeighbourLanes::build(&points, &map, &neighbours);
-        Iq3Grid { points, map, neighbours, lanes }
+        Iq3Grid {
+            points,
+            map,
+            neighbours,
+            lanes,
+        }
     }
 
     /// The neighbour list of an off-grid point whose map entry is `m` (< 0).
@@ -165,7 +177,11 @@ pub(crate) fn grid_xxs() -> &'static Iq3Grid {
             .map(|g| {
                 std::array::from_fn(|k| {
                     let m = (g >> (8 * k)) as u8;
-                    2 * MAGNITUDES.iter().position(|v| *v == m).expect("iq3xxs_grid byte") as i8 + 1
+                    2 * MAGNITUDES
+                        .iter()
+                        .position(|v| *v == m)
+                        .expect("iq3xxs_grid byte") as i8
+                        + 1
                 })
             })
             .collect();
@@ -177,7 +193,10 @@ pub(crate) fn grid_xxs() -> &'static Iq3Grid {
 pub(crate) fn grid_s() -> &'static Iq3Grid {
     static GRID: OnceLock<Iq3Grid> = OnceLock::new();
     GRID.get_or_init(|| {
-        let points = IQ3S_GRID.iter().map(|g| std::array::from_fn(|k| (g >> (8 * k)) as u8 as i8)).collect();
+        let points = IQ3S_GRID
+            .iter()
+            .map(|g| std::array::from_fn(|k| (g >> (8 * k)) as u8 as i8))
+            .collect();
         Iq3Grid::build(points, 3)
     })
 }
@@ -264,7 +283,12 @@ fn level_sums(xval: &[f32; 32], weight: &[f32; 32], l: &[i8; 32]) -> (f32, f32) 
 
 /// Scalar search, the spec.
 pub(crate) fn search_ref(g: &Iq3Grid, p: SearchParams, sb: &SubBlock, l: &mut [i8; 32]) -> f32 {
-    let SubBlock { xval, weight, waux, max } = *sb;
+    let SubBlock {
+        xval,
+        weight,
+        waux,
+        max,
+    } = *sb;
     let mut laux = [0i8; 32];
     let mut on_grid = [p.xxs; 8];
     let mut on_grid_aux = [false; 8];
@@ -310,7 +334,9 @@ pub(crate) fn refit(
     on_grid: &[bool; 8],
     l: &mut [i8; 32],
 ) -> f32 {
-    let SubBlock { xval, weight, waux, .. } = *sb;
+    let SubBlock {
+        xval, weight, waux, ..
+    } = *sb;
     if on_grid.iter().any(|o| !o) && scale > 0.0 {
         let id = 1.0 / scale;
         for k in 0..8 {
@@ -321,7 +347,14 @@ pub(crate) fn refit(
             let u = round_group(&xval[4 * k..], id, lk);
             let m = g.map[u];
             let gi = if m < 0 {
-                find_best_neighbour(g, g.neighbours_of(m), &xval[4 * k..], &waux[4 * k..], scale, lk)
+                find_best_neighbour(
+                    g,
+                    g.neighbours_of(m),
+                    &xval[4 * k..],
+                    &waux[4 * k..],
+                    scale,
+                    lk,
+                )
             } else {
                 m as usize
             };
@@ -339,7 +372,13 @@ pub(crate) fn refit(
 
 /// Per-weight importance: imatrix · sqrt(sigma2 + x²), or x² without an imatrix.
 #[inline]
-pub(crate) fn weights(xb: &[f32], qw: Option<&[f32]>, sigma2: f32, weight: &mut [f32; 32], waux: &mut [f32; 32]) {
+pub(crate) fn weights(
+    xb: &[f32],
+    qw: Option<&[f32]>,
+    sigma2: f32,
+    weight: &mut [f32; 32],
+    waux: &mut [f32; 32],
+) {
     match qw {
         Some(qw) => {
             for i in 0..32 {
@@ -384,17 +423,28 @@ mod tests {
                 if g.map[u] >= 0 {
                     continue;
                 }
-                let pos: Vec<i32> = (0..4).map(|k| 2 * ((u >> (3 * k)) & 7) as i32 + 1).collect();
+                let pos: Vec<i32> = (0..4)
+                    .map(|k| 2 * ((u >> (3 * k)) & 7) as i32 + 1)
+                    .collect();
                 let mut all: Vec<(i32, u16)> = g
                     .points
                     .iter()
                     .enumerate()
-                    .map(|(j, p)| ((0..4).map(|k| (p[k] as i32 - pos[k]).pow(2)).sum(), j as u16))
+                    .map(|(j, p)| {
+                        (
+                            (0..4).map(|k| (p[k] as i32 - pos[k]).pow(2)).sum(),
+                            j as u16,
+                        )
+                    })
                     .collect();
                 all.sort();
                 let mut distinct: Vec<i32> = all.iter().map(|a| a.0).collect();
                 distinct.dedup();
-                let want: Vec<u16> = all.iter().filter(|a| a.0 <= distinct[nwant - 1]).map(|a| a.1).collect();
+                let want: Vec<u16> = all
+                    .iter()
+                    .filter(|a| a.0 <= distinct[nwant - 1])
+                    .map(|a| a.1)
+                    .collect();
                 assert_eq!(g.neighbours_of(g.map[u]), &want[..], "key {u}");
                 let nl = &g.lanes;
                 let at = nl.at[u] as usize;
@@ -408,7 +458,10 @@ mod tests {
         // ggml aborts on these (every neighbour distance overflows); we keep the first neighbour.
         use crate::quant::BlockQuant;
         for scale in [1e15f32, 1e30, 3e38] {
-            let x: Vec<f32> = crate::quant::testdata::gaussian(4, 256).iter().map(|v| v * scale).collect();
+            let x: Vec<f32> = crate::quant::testdata::gaussian(4, 256)
+                .iter()
+                .map(|v| v * scale)
+                .collect();
             let w = crate::quant::testdata::importance(5, 256);
             for imatrix in [None, Some(&w[..])] {
                 let (mut a, mut b) = (vec![0u8; 110], vec![0u8; 110]);

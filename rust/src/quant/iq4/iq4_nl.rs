@@ -3,7 +3,9 @@
 
 use half::f16;
 
-use super::{dequantize_nibbles_ref, indices_ref, pack_nibbles, quantize_superblock, search_scale_ref};
+use super::{
+    dequantize_nibbles_ref, indices_ref, pack_nibbles, quantize_superblock, search_scale_ref,
+};
 use super::{IndexFn, ScaleSearchFn};
 use crate::quant::{cpu, kernels_of, BlockQuant, Kernels};
 use crate::types::GgmlType;
@@ -14,9 +16,19 @@ pub const BLOCK_BYTES: usize = 18;
 pub struct Iq4Nl;
 pub const IQ4_NL_KERNELS: Kernels = kernels_of::<Iq4Nl>();
 
-fn quantize_row_with(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>, search: ScaleSearchFn, indices: IndexFn) {
+fn quantize_row_with(
+    src: &[f32],
+    dst: &mut [u8],
+    imatrix: Option<&[f32]>,
+    search: ScaleSearchFn,
+    indices: IndexFn,
+) {
     let mut l = [0u8; QK4_NL];
-    for (ib, (x, y)) in src.chunks_exact(QK4_NL).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+    for (ib, (x, y)) in src
+        .chunks_exact(QK4_NL)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        .enumerate()
+    {
         let qw = imatrix.map(|w| &w[QK4_NL * ib..QK4_NL * (ib + 1)]);
         let sb = quantize_superblock(x, qw, &mut l, search, indices);
         y[..2].copy_from_slice(&sb.d.to_le_bytes());
@@ -35,13 +47,22 @@ impl BlockQuant for Iq4Nl {
     fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
         #[cfg(target_arch = "x86_64")]
         if cpu::has_avx2() {
-            return quantize_row_with(src, dst, imatrix, super::avx2::search_scale, super::avx2::indices);
+            return quantize_row_with(
+                src,
+                dst,
+                imatrix,
+                super::avx2::search_scale,
+                super::avx2::indices,
+            );
         }
         Self::quantize_row_ref(src, dst, imatrix)
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK4_NL)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK4_NL))
+        {
             let d = f16::from_bits(u16::from_le_bytes([x[0], x[1]])).to_f32();
             dequantize_nibbles_ref(&x[2..], d, y);
         }
@@ -50,7 +71,10 @@ impl BlockQuant for Iq4Nl {
     fn dequantize_row(src: &[u8], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if cpu::has_avx2() {
-            for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK4_NL)) {
+            for (x, y) in src
+                .chunks_exact(BLOCK_BYTES)
+                .zip(dst.chunks_exact_mut(QK4_NL))
+            {
                 let d = f16::from_bits(u16::from_le_bytes([x[0], x[1]])).to_f32();
                 // SAFETY: AVX2 was detected; the slices hold 16 bytes and 32 floats.
                 unsafe { super::avx2::dequantize_nibbles(&x[2..], d, y) };

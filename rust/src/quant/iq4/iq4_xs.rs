@@ -4,7 +4,9 @@
 
 use half::f16;
 
-use super::{dequantize_nibbles_ref, indices_ref, pack_nibbles, quantize_superblock, search_scale_ref};
+use super::{
+    dequantize_nibbles_ref, indices_ref, pack_nibbles, quantize_superblock, search_scale_ref,
+};
 use super::{IndexFn, ScaleSearchFn};
 use crate::quant::{cpu, kernels_of, BlockQuant, Kernels};
 use crate::types::{GgmlType, QK_K};
@@ -14,9 +16,19 @@ pub const BLOCK_BYTES: usize = 136;
 pub struct Iq4Xs;
 pub const IQ4_XS_KERNELS: Kernels = kernels_of::<Iq4Xs>();
 
-fn quantize_row_with(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>, search: ScaleSearchFn, indices: IndexFn) {
+fn quantize_row_with(
+    src: &[f32],
+    dst: &mut [u8],
+    imatrix: Option<&[f32]>,
+    search: ScaleSearchFn,
+    indices: IndexFn,
+) {
     let mut l = [0u8; QK_K];
-    for (ibl, (x, y)) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+    for (ibl, (x, y)) in src
+        .chunks_exact(QK_K)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+        .enumerate()
+    {
         let qw = imatrix.map(|w| &w[QK_K * ibl..QK_K * (ibl + 1)]);
         let sb = quantize_superblock(x, qw, &mut l, search, indices);
         let mut scales_h = 0u16;
@@ -36,7 +48,8 @@ fn quantize_row_with(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>, searc
 #[inline]
 fn sub_scale(x: &[u8], d: f32, ib: usize) -> f32 {
     let scales_h = u16::from_le_bytes([x[2], x[3]]);
-    let ls = ((x[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) as i32 | ((((scales_h >> (2 * ib)) & 3) as i32) << 4);
+    let ls = ((x[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) as i32
+        | ((((scales_h >> (2 * ib)) & 3) as i32) << 4);
     d * (ls - 32) as f32
 }
 
@@ -51,15 +64,28 @@ impl BlockQuant for Iq4Xs {
     fn quantize_row(src: &[f32], dst: &mut [u8], imatrix: Option<&[f32]>) {
         #[cfg(target_arch = "x86_64")]
         if cpu::has_avx2() {
-            return quantize_row_with(src, dst, imatrix, super::avx2::search_scale, super::avx2::indices);
+            return quantize_row_with(
+                src,
+                dst,
+                imatrix,
+                super::avx2::search_scale,
+                super::avx2::indices,
+            );
         }
         Self::quantize_row_ref(src, dst, imatrix)
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK_K))
+        {
             let d = f16::from_bits(u16::from_le_bytes([x[0], x[1]])).to_f32();
-            for (ib, (qs, yb)) in x[8..].chunks_exact(16).zip(y.chunks_exact_mut(32)).enumerate() {
+            for (ib, (qs, yb)) in x[8..]
+                .chunks_exact(16)
+                .zip(y.chunks_exact_mut(32))
+                .enumerate()
+            {
                 dequantize_nibbles_ref(qs, sub_scale(x, d, ib), yb);
             }
         }
@@ -68,9 +94,16 @@ impl BlockQuant for Iq4Xs {
     fn dequantize_row(src: &[u8], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if cpu::has_avx2() {
-            for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+            for (x, y) in src
+                .chunks_exact(BLOCK_BYTES)
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
                 let d = f16::from_bits(u16::from_le_bytes([x[0], x[1]])).to_f32();
-                for (ib, (qs, yb)) in x[8..].chunks_exact(16).zip(y.chunks_exact_mut(32)).enumerate() {
+                for (ib, (qs, yb)) in x[8..]
+                    .chunks_exact(16)
+                    .zip(y.chunks_exact_mut(32))
+                    .enumerate()
+                {
                     // SAFETY: AVX2 was detected; the slices hold 16 bytes and 32 floats.
                     unsafe { super::avx2::dequantize_nibbles(qs, sub_scale(x, d, ib), yb) };
                 }

@@ -6,8 +6,8 @@
 
 use half::f16;
 
-use super::util::nearest_int;
 use super::iq_tables::KVALUES_IQ4NL;
+use super::util::nearest_int;
 
 pub mod iq4_nl;
 pub mod iq4_xs;
@@ -162,7 +162,10 @@ pub(crate) fn quantize_superblock(
         }
     }
 
-    let mut out = SuperBlock { d: 0, sub_scales: [0; 8] };
+    let mut out = SuperBlock {
+        d: 0,
+        sub_scales: [0; 8],
+    };
     if nb > 1 {
         let d = -max_scale / 32.0;
         out.d = f16::from_f32(d).to_bits();
@@ -171,12 +174,20 @@ pub(crate) fn quantize_superblock(
             let ls = nearest_int(id * scales[ib]).clamp(-32, 31);
             let dl = d * ls as f32;
             let idl = if dl != 0.0 { 1.0 / dl } else { 0.0 };
-            indices(&x[32 * ib..32 * ib + 32], idl, &mut l[32 * ib..32 * ib + 32]);
+            indices(
+                &x[32 * ib..32 * ib + 32],
+                idl,
+                &mut l[32 * ib..32 * ib + 32],
+            );
             out.sub_scales[ib] = (ls + 32) as u8;
         }
     } else {
         out.d = f16::from_f32(scales[0]).to_bits();
-        let id = if scales[0] != 0.0 { 1.0 / scales[0] } else { 0.0 };
+        let id = if scales[0] != 0.0 {
+            1.0 / scales[0]
+        } else {
+            0.0
+        };
         indices(x, id, l);
     }
     out
@@ -225,7 +236,8 @@ pub(crate) mod avx2 {
         let below = _mm256_sub_epi32(mu, one);
         let lower = level8(below, lo, hi);
         let upper = level8(mu, lo, hi);
-        let pick_lower = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_sub_ps(x, lower), _mm256_sub_ps(upper, x));
+        let pick_lower =
+            _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_sub_ps(x, lower), _mm256_sub_ps(upper, x));
         let mut idx = _mm256_add_epi32(mu, _mm256_castps_si256(pick_lower));
         let mut q = _mm256_blendv_ps(upper, lower, pick_lower);
         // x <= v0 gives 0; otherwise !(x < v15) (x >= v15, or NaN) gives 15.
@@ -251,7 +263,10 @@ pub(crate) mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn level_tables() -> (__m256, __m256) {
-        (_mm256_loadu_ps(LEVELS.as_ptr()), _mm256_loadu_ps(LEVELS.as_ptr().add(8)))
+        (
+            _mm256_loadu_ps(LEVELS.as_ptr()),
+            _mm256_loadu_ps(LEVELS.as_ptr().add(8)),
+        )
     }
     /// `search_scale_ref` with its 16 trial quantizations in the lanes of two vectors: each lane
     /// accumulates its sums over j in order, so the sums equal the scalar ones bit for bit.
@@ -378,7 +393,15 @@ mod tests {
             let mid = (w[0] as f32 + w[1] as f32) / 2.0;
             x.extend([mid, mid.next_up(), mid.next_down()]);
         }
-        x.extend([f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e-40]);
+        x.extend([
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e-40,
+        ]);
         x.resize(x.len().next_multiple_of(8), 0.0);
         let mut fast = vec![0u8; x.len()];
         avx2::indices(&x, 1.0, &mut fast);

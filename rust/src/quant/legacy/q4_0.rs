@@ -109,7 +109,10 @@ mod avx2 {
         for (x, y) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
             let (d, levels) = symmetric_levels(x, 15);
             y[..2].copy_from_slice(&f16_bytes(d));
-            _mm_storeu_si128(y[2..].as_mut_ptr() as *mut __m128i, nibbles_or(levels, false));
+            _mm_storeu_si128(
+                y[2..].as_mut_ptr() as *mut __m128i,
+                nibbles_or(levels, false),
+            );
         }
     }
 

@@ -125,7 +125,10 @@ mod avx2 {
             let (d, min, levels) = asymmetric_levels(x, 15, true);
             y[..2].copy_from_slice(&f16_bytes(d));
             y[2..4].copy_from_slice(&f16_bytes(min));
-            _mm_storeu_si128(y[4..].as_mut_ptr() as *mut __m128i, nibbles_or(levels, false));
+            _mm_storeu_si128(
+                y[4..].as_mut_ptr() as *mut __m128i,
+                nibbles_or(levels, false),
+            );
         }
     }
 

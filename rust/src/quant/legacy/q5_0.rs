@@ -108,7 +108,10 @@ mod avx2 {
             let (d, levels) = symmetric_levels(x, 31);
             y[..2].copy_from_slice(&f16_bytes(d));
             y[2..6].copy_from_slice(&bit4_mask(levels).to_le_bytes());
-            _mm_storeu_si128(y[6..].as_mut_ptr() as *mut __m128i, nibbles_or(levels, true));
+            _mm_storeu_si128(
+                y[6..].as_mut_ptr() as *mut __m128i,
+                nibbles_or(levels, true),
+            );
         }
     }
 

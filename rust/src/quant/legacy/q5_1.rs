@@ -124,7 +124,10 @@ mod avx2 {
             y[..2].copy_from_slice(&f16_bytes(d));
             y[2..4].copy_from_slice(&f16_bytes(min));
             y[4..8].copy_from_slice(&bit4_mask(levels).to_le_bytes());
-            _mm_storeu_si128(y[8..].as_mut_ptr() as *mut __m128i, nibbles_or(levels, true));
+            _mm_storeu_si128(
+                y[8..].as_mut_ptr() as *mut __m128i,
+                nibbles_or(levels, true),
+            );
         }
     }
 

@@ -41,7 +41,10 @@ impl BlockQuant for Q8_0 {
     }
 
     fn dequantize_row_ref(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK8_0)) {
+        for (x, y) in src
+            .chunks_exact(BLOCK_BYTES)
+            .zip(dst.chunks_exact_mut(QK8_0))
+        {
             let d = f16_at(x);
             for (o, q) in y.iter_mut().zip(&x[2..]) {
                 *o = (*q as i8) as f32 * d;

@@ -477,7 +477,11 @@ pub(crate) unsafe fn symmetric_levels(x: &[f32], nmax: i32) -> (f32, __m256i) {
     let half_range = ((nmax + 1) / 2) as f32;
     let d = max / -half_range;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let (idv, offset, top) = (_mm256_set1_ps(id), _mm256_set1_ps(half_range + 0.5), _mm256_set1_epi32(nmax));
+    let (idv, offset, top) = (
+        _mm256_set1_ps(id),
+        _mm256_set1_ps(half_range + 0.5),
+        _mm256_set1_epi32(nmax),
+    );
     let q = b.map(|v| {
         let t = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, idv), offset));
         _mm256_min_epi32(low_byte_signed(t), top)
@@ -495,10 +499,17 @@ pub(crate) unsafe fn asymmetric_levels(x: &[f32], nmax: i32, clamp: bool) -> (f3
     let (min, max) = block_min_max(&b, x);
     let d = (max - min) / nmax as f32;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let (minv, idv, half, top) =
-        (_mm256_set1_ps(min), _mm256_set1_ps(id), _mm256_set1_ps(0.5), _mm256_set1_epi32(nmax));
+    let (minv, idv, half, top) = (
+        _mm256_set1_ps(min),
+        _mm256_set1_ps(id),
+        _mm256_set1_ps(0.5),
+        _mm256_set1_epi32(nmax),
+    );
     let q = b.map(|v| {
-        let t = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v, minv), idv), half));
+        let t = _mm256_cvttps_epi32(_mm256_add_ps(
+            _mm256_mul_ps(_mm256_sub_ps(v, minv), idv),
+            half,
+        ));
         if clamp {
             _mm256_min_epi32(low_byte_signed(t), top)
         } else {
