@@ -37,7 +37,9 @@ def main() -> int:
         ty = ctypes.cast(t, ctypes.POINTER(ctypes.c_int32))[0]
         ne = [head[2 + i] for i in range(4)]
         nb = [head[6 + i] for i in range(4)]
-        data = ctypes.cast(t, ctypes.POINTER(ctypes.c_void_p))[31]  # offsetof(ggml_tensor, data) = 248, just before name
+        data = ctypes.cast(t, ctypes.POINTER(ctypes.c_void_p))[
+            31
+        ]  # offsetof(ggml_tensor, data) = 248, just before name
         if ty != 0 or not data:
             return True
         n = ne[0] * ne[1] * ne[2] * ne[3]

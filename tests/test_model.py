@@ -73,7 +73,9 @@ def test_f16_kv_cache_is_close(tiny_model, tokens, data_dir):
     assert rel_diff(m.eval(tokens), ref) < 2e-3
 
 
-@pytest.mark.parametrize("kv_type, kv_type_v, tol", [("q8_0", None, 2e-2), ("q8_0", "f16", 2e-2), ("f16", "q8_0", 2e-2)])
+@pytest.mark.parametrize(
+    "kv_type, kv_type_v, tol", [("q8_0", None, 2e-2), ("q8_0", "f16", 2e-2), ("f16", "q8_0", 2e-2)]
+)
 def test_q8_0_kv_cache_is_close(tiny_model, tokens, data_dir, kv_type, kv_type_v, tol):
     """A q8_0 cache (llama.cpp's -ctk/-ctv q8_0) stores every 32 values as one int8 block: close
     to transformers, and its rounding visibly differs from the f32 cache's (it is really used)."""
