@@ -83,12 +83,12 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 #[inline]
 fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_le_bytes([b[i], b[i + 1]])
+    u16::from_le_bytes(b[i..i + 2].try_into().unwrap())
 }
 
 #[inline]
 fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+    u32::from_le_bytes(b[i..i + 4].try_into().unwrap())
 }
 
 /// The f32 scale d of a Q8_K block.

@@ -334,3 +334,58 @@ fn matches_llama_cpp() {
         assert_eq!(checked, n_rows * n_tok);
     }
 }
+
+/// Timing, not a check: `cargo test --release --lib iquants::tests::speed -- --ignored --nocapture`.
+/// ns per 256-value block and activation row, for the 1-row and the 4-row kernels, on 256 rows of
+/// 4096 random-byte blocks (weights L2-resident, as in a matmul tile).
+#[test]
+#[ignore]
+fn speed() {
+    let (n, rows) = (4096, 256);
+    let acts = activation_rows(n);
+    let batch = [&acts[0][..], &acts[1][..], &acts[2][..], &acts[3][..]];
+    let mut r = testdata::Rng::new(1);
+    for ty in TYPES {
+        let k = kernels(ty).unwrap();
+        let (_, bytes) = ty.block_geometry();
+        let rb = n / 256 * bytes;
+        let mut w: Vec<u8> = (0..rows * rb).map(|_| r.next_u64() as u8).collect();
+        for blk in w.chunks_exact_mut(bytes) {
+            if ty == GgmlType::IQ1_M {
+                for i in 0..4 {
+                    let at = 48 + 2 * i;
+                    let word = u16::from_le_bytes([blk[at], blk[at + 1]]) & 0x0fff;
+                    let word = word | (((0x2000 >> (4 * i)) & 0xf) << 12);
+                    blk[at..at + 2].copy_from_slice(&word.to_le_bytes());
+                }
+            } else {
+                blk[..2].copy_from_slice(&[0, 0x20]);
+            }
+        }
+        let reps = 200;
+        let (mut best1, mut best4, mut sink) = (f64::MAX, f64::MAX, 0f32);
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                for wr in w.chunks_exact(rb) {
+                    sink += (k.vec_dot)(wr, batch[0]);
+                }
+            }
+            best1 = best1.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            for _ in 0..reps / 4 {
+                for wr in w.chunks_exact(rb) {
+                    sink += (k.vec_dot_x4)(wr, batch)[3];
+                }
+            }
+            best4 = best4.min(t.elapsed().as_secs_f64());
+        }
+        let per = |s: f64| s * 1e9 / (reps * rows * n / 256) as f64;
+        eprintln!(
+            "{:8} vec_dot {:6.2} ns/block, vec_dot_x4 {:6.2} ns/block/row (sink {sink})",
+            ty.name(),
+            per(best1),
+            per(best4)
+        );
+    }
+}
