@@ -122,7 +122,13 @@ unsafe fn signs_from_bits(bits: u32) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn scales2(lo: i32, hi: i32) -> __m256i {
-    _mm256_set_m128i(_mm_set1_epi16(hi as i16), _mm_set1_epi16(lo as i16))
+    // both in every 32-bit lane, then bytes 0-1 repeated in the low half and 2-3 in the high half
+    let v = _mm256_set1_epi32((lo as u32 & 0xffff | (hi as u32) << 16) as i32);
+    let pick = _mm256_setr_epi8(
+        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+        2, 3,
+    );
+    _mm256_shuffle_epi8(v, pick)
 }
 
 /// A chunk of signed levels q (|q| <= 127): the sign carrier is q itself.
@@ -289,19 +295,21 @@ unsafe fn chunk_iq1_m(b: &[u8], ib: usize) -> Chunk {
         g[q[2] as usize | ((h1 & 7) << 8)],
         g[q[3] as usize | ((h1 & 0x70) << 4)],
     );
-    let delta = |bit: usize| {
-        if bit != 0 {
-            u64::MAX
-        } else {
-            0x0101_0101_0101_0101
-        }
-    };
-    let delta = rows4(
-        delta(h0 & 0x08),
-        delta(h0 & 0x80),
-        delta(h1 & 0x08),
-        delta(h1 & 0x80),
+    // δ per 8 values: bit 3 (even groups) or bit 7 (odd groups) of qh byte 2·ib + group/2,
+    // spread to bytes, set → -1, clear → +1
+    let qh = _mm256_set1_epi16(u16_at(b, 32 + 2 * ib) as i16);
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+        1, 1,
     );
+    let bit = _mm256_setr_epi64x(
+        0x0808_0808_0808_0808,
+        0x8080_8080_8080_8080u64 as i64,
+        0x0808_0808_0808_0808,
+        0x8080_8080_8080_8080u64 as i64,
+    );
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, spread), bit), bit);
+    let delta = _mm256_or_si256(set, _mm256_set1_epi8(1));
     let sc = (u16_at(b, 48 + 2 * (ib / 2)) >> (6 * (ib % 2))) as i32;
     let scales = scales2(2 * (sc & 7) + 1, 2 * ((sc >> 3) & 7) + 1);
     signed_chunk(iq1_levels(grid, delta), scales)
