@@ -77,6 +77,69 @@ struct Chunk {
     scales: __m256i,
 }
 
+/// What a block needs once, before its chunks: the super-scale d and, for types whose sub-block
+/// scales are packed together, all 16 of them as i16 (`scales`: the 8 first-half scales in the low
+/// 128 bits, the 8 second-half ones in the high 128 bits, sub-block order) and any other per-block
+/// vector (`extra`).
+#[derive(Clone, Copy)]
+struct Prep {
+    d: f32,
+    scales: __m256i,
+    extra: __m256i,
+}
+
+/// vpshufb patterns repeating i16 element ib of each 128-bit half over that half.
+static PICK: [[u8; 32]; 8] = pick_patterns();
+
+const fn pick_patterns() -> [[u8; 32]; 8] {
+    let mut t = [[0u8; 32]; 8];
+    let mut ib = 0;
+    while ib < 8 {
+        let mut j = 0;
+        while j < 32 {
+            t[ib][j] = (2 * ib + j % 2) as u8;
+            j += 1;
+        }
+        ib += 1;
+    }
+    t
+}
+
+/// Element ib of each 128-bit half of `v` (i16), repeated over the half.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn pick(v: __m256i, ib: usize) -> __m256i {
+    _mm256_shuffle_epi8(v, _mm256_loadu_si256(PICK[ib].as_ptr() as *const __m256i))
+}
+
+/// 2s+1 for every i16 s.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn odd(s: __m256i) -> __m256i {
+    _mm256_add_epi16(_mm256_add_epi16(s, s), _mm256_set1_epi16(1))
+}
+
+/// IQ2_XS / IQ2_S: 8 scale bytes (low nibble: first 16 values, high: last 16) as 2s+1.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibble_scales(bytes: u64) -> __m256i {
+    let v = _mm_cvtsi64_si128(bytes as i64);
+    let m4 = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(v, m4);
+    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+    odd(_mm256_cvtepu8_epi16(_mm_unpacklo_epi64(lo, hi)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn prep_d(b: &[u8]) -> Prep {
+    Prep {
+        d: f16_to_f32(u16_at(b, 0)),
+        scales: _mm256_setzero_si256(),
+        extra: _mm256_setzero_si256(),
+    }
+}
+
 /// ksigns_iq2xs expanded to bytes: 0xff (-1) where the sign bit is set, 0x01 elsewhere, so that
 /// `_mm256_sign_epi8(a, s)` applies the 8 signs of a 7-bit index at once (ggml's keven_signs_q2xs).
 static KEVEN_SIGNS: [u64; 128] = keven_signs();
@@ -118,19 +181,6 @@ unsafe fn signs_from_bits(bits: u32) -> __m256i {
     _mm256_or_si256(set, _mm256_set1_epi8(1))
 }
 
-/// The i16 scale vector: `lo` for the first 16 values (low 128 bits), `hi` for the last 16.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn scales2(lo: i32, hi: i32) -> __m256i {
-    // both in every 32-bit lane, then bytes 0-1 repeated in the low half and 2-3 in the high half
-    let v = _mm256_set1_epi32((lo as u32 & 0xffff | (hi as u32) << 16) as i32);
-    let pick = _mm256_setr_epi8(
-        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
-        2, 3,
-    );
-    _mm256_shuffle_epi8(v, pick)
-}
-
 /// A chunk of signed levels q (|q| <= 127): the sign carrier is q itself.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -152,14 +202,8 @@ unsafe fn f16_to_f32(bits: u16) -> f32 {
 // ---- per-type decoders: `d` (the block's super-scale) and `chunk` (sub-block ib < 8) ----------
 
 #[inline]
-#[target_feature(enable = "f16c")]
-unsafe fn d_first(b: &[u8]) -> f32 {
-    f16_to_f32(u16_at(b, 0))
-}
-
-#[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn chunk_iq4_xs(b: &[u8], ib: usize) -> Chunk {
+unsafe fn chunk_iq4_xs(b: &[u8], _: &Prep, ib: usize) -> Chunk {
     let qs = _mm_loadu_si128(b[8 + 16 * ib..8 + 16 * ib + 16].as_ptr() as *const __m128i);
     let m4 = _mm_set1_epi8(0x0f);
     let nib = _mm256_set_m128i(
@@ -174,7 +218,7 @@ unsafe fn chunk_iq4_xs(b: &[u8], ib: usize) -> Chunk {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn chunk_iq2_xxs(b: &[u8], ib: usize) -> Chunk {
+unsafe fn chunk_iq2_xxs(b: &[u8], _: &Prep, ib: usize) -> Chunk {
     let at = 2 + 8 * ib;
     let aux = u32_at(b, at + 4) as usize;
     let g = &IQ2XXS_GRID;
@@ -198,34 +242,32 @@ unsafe fn chunk_iq2_xxs(b: &[u8], ib: usize) -> Chunk {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn chunk_iq2_xs(b: &[u8], ib: usize) -> Chunk {
+unsafe fn chunk_iq2_xs(b: &[u8], p: &Prep, ib: usize) -> Chunk {
     let v = [0, 1, 2, 3].map(|l| u16_at(b, 2 + 8 * ib + 2 * l) as usize);
     let (g, s) = (&IQ2XS_GRID, &KEVEN_SIGNS);
-    let [lo, hi] = super::two_nibble_scales(b[66 + ib]);
     Chunk {
         mag: rows4(g[v[0] & 511], g[v[1] & 511], g[v[2] & 511], g[v[3] & 511]),
         sgn: rows4(s[v[0] >> 9], s[v[1] >> 9], s[v[2] >> 9], s[v[3] >> 9]),
-        scales: scales2(lo, hi),
+        scales: pick(p.scales, ib),
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn chunk_iq2_s(b: &[u8], ib: usize) -> Chunk {
+unsafe fn chunk_iq2_s(b: &[u8], p: &Prep, ib: usize) -> Chunk {
     let qh = b[66 + ib] as usize;
     let idx = [0, 1, 2, 3].map(|l| b[2 + 4 * ib + l] as usize | ((qh << (8 - 2 * l)) & 0x300));
     let g = &IQ2S_GRID;
-    let [lo, hi] = super::two_nibble_scales(b[74 + ib]);
     Chunk {
         mag: rows4(g[idx[0]], g[idx[1]], g[idx[2]], g[idx[3]]),
         sgn: signs_from_bits(u32_at(b, 34 + 4 * ib)),
-        scales: scales2(lo, hi),
+        scales: pick(p.scales, ib),
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn chunk_iq3_xxs(b: &[u8], ib: usize) -> Chunk {
+unsafe fn chunk_iq3_xxs(b: &[u8], _: &Prep, ib: usize) -> Chunk {
     let q = &b[2 + 8 * ib..2 + 8 * ib + 8];
     let g = |k: usize| IQ3XXS_GRID[q[k] as usize] as i32;
     let aux = u32_at(b, 66 + 4 * ib) as usize;
@@ -244,15 +286,87 @@ unsafe fn chunk_iq3_xxs(b: &[u8], ib: usize) -> Chunk {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn chunk_iq3_s(b: &[u8], ib: usize) -> Chunk {
+unsafe fn chunk_iq3_s(b: &[u8], p: &Prep, ib: usize) -> Chunk {
     let q = &b[2 + 8 * ib..2 + 8 * ib + 8];
     let qh = b[66 + ib] as usize;
     let g = |k: usize| IQ3S_GRID[q[k] as usize | (((qh >> k) & 1) << 8)] as i32;
-    let ls = 2 * ((b[106 + ib / 2] >> (4 * (ib % 2))) & 0xf) as i16 + 1;
     Chunk {
         mag: _mm256_setr_epi32(g(0), g(1), g(2), g(3), g(4), g(5), g(6), g(7)),
         sgn: signs_from_bits(u32_at(b, 74 + 4 * ib)),
-        scales: _mm256_set1_epi16(ls),
+        scales: pick(p.scales, ib),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn prep_iq2_xs(b: &[u8]) -> Prep {
+    let scales = nibble_scales(u64::from_le_bytes(b[66..74].try_into().unwrap()));
+    Prep {
+        scales,
+        ..prep_d(b)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn prep_iq2_s(b: &[u8]) -> Prep {
+    let scales = nibble_scales(u64::from_le_bytes(b[74..82].try_into().unwrap()));
+    Prep {
+        scales,
+        ..prep_d(b)
+    }
+}
+
+/// IQ3_S: 4 bytes of two 4-bit scales (sub-blocks 2k, 2k+1), one 2s+1 per sub-block for both
+/// halves.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn prep_iq3_s(b: &[u8]) -> Prep {
+    let v = _mm_cvtsi32_si128(u32_at(b, 106) as i32);
+    let m4 = _mm_set1_epi8(0x0f);
+    let s = _mm_unpacklo_epi8(
+        _mm_and_si128(v, m4),
+        _mm_and_si128(_mm_srli_epi16(v, 4), m4),
+    );
+    let s = _mm_cvtepu8_epi16(s);
+    Prep {
+        scales: odd(_mm256_set_m128i(s, s)),
+        ..prep_d(b)
+    }
+}
+
+/// IQ1_S: the 8 qh words hold each sub-block's scale (bits 12-14) and delta sign (bit 15).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn prep_iq1_s(b: &[u8]) -> Prep {
+    let qh = _mm_loadu_si128(b[34..50].as_ptr() as *const __m128i);
+    let s = _mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7));
+    // 0xffff (δ = -1 in both bytes) or 0x0101 (+1)
+    let delta = _mm_or_si128(_mm_srai_epi16(qh, 15), _mm_set1_epi16(0x0101));
+    Prep {
+        scales: odd(_mm256_set_m128i(s, s)),
+        extra: _mm256_set_m128i(delta, delta),
+        ..prep_d(b)
+    }
+}
+
+/// IQ1_M: the 4 scale words hold the 3-bit scales at bits 0/3 (sub-block 2w, halves 1/2) and
+/// 6/9 (sub-block 2w+1), and the f16 super-scale in their top nibbles.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn prep_iq1_m(b: &[u8]) -> Prep {
+    let sc = [0, 1, 2, 3].map(|i| u16_at(b, 48 + 2 * i));
+    let bits = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000);
+    let v = _mm256_set1_epi64x(u64::from_le_bytes(b[48..56].try_into().unwrap()) as i64);
+    // low half: fields 0 (even sub-blocks) and 6 (odd), high half: fields 3 and 9; interleaved
+    // per word they come out in sub-block order
+    let even = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 3, 3));
+    let odd_ = _mm256_srlv_epi64(v, _mm256_setr_epi64x(6, 6, 9, 9));
+    let s = _mm256_and_si256(_mm256_unpacklo_epi16(even, odd_), _mm256_set1_epi16(7));
+    Prep {
+        d: f16_to_f32(bits),
+        scales: odd(s),
+        extra: _mm256_setzero_si256(),
     }
 }
 
@@ -265,27 +379,18 @@ unsafe fn iq1_levels(grid: __m256i, delta: __m256i) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn chunk_iq1_s(b: &[u8], ib: usize) -> Chunk {
+unsafe fn chunk_iq1_s(b: &[u8], p: &Prep, ib: usize) -> Chunk {
     let qh = u16_at(b, 34 + 2 * ib) as usize;
     let idx = [0, 1, 2, 3].map(|l| b[2 + 4 * ib + l] as usize | (((qh >> (3 * l)) & 7) << 8));
     let g = &IQ1S_GRID;
     let grid = rows4(g[idx[0]], g[idx[1]], g[idx[2]], g[idx[3]]);
-    let delta = _mm256_set1_epi8(if qh & 0x8000 != 0 { -1 } else { 1 });
-    let ls = 2 * ((qh >> 12) & 7) as i16 + 1;
-    signed_chunk(iq1_levels(grid, delta), _mm256_set1_epi16(ls))
-}
-
-#[inline]
-#[target_feature(enable = "f16c")]
-unsafe fn d_iq1_m(b: &[u8]) -> f32 {
-    let sc = [0, 1, 2, 3].map(|i| u16_at(b, 48 + 2 * i));
-    let bits = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000);
-    f16_to_f32(bits)
+    let delta = pick(p.extra, ib);
+    signed_chunk(iq1_levels(grid, delta), pick(p.scales, ib))
 }
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn chunk_iq1_m(b: &[u8], ib: usize) -> Chunk {
+unsafe fn chunk_iq1_m(b: &[u8], p: &Prep, ib: usize) -> Chunk {
     let (h0, h1) = (b[32 + 2 * ib] as usize, b[33 + 2 * ib] as usize);
     let q = &b[4 * ib..4 * ib + 4];
     let g = &IQ1S_GRID;
@@ -310,9 +415,7 @@ unsafe fn chunk_iq1_m(b: &[u8], ib: usize) -> Chunk {
     );
     let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, spread), bit), bit);
     let delta = _mm256_or_si256(set, _mm256_set1_epi8(1));
-    let sc = (u16_at(b, 48 + 2 * (ib / 2)) >> (6 * (ib % 2))) as i32;
-    let scales = scales2(2 * (sc & 7) + 1, 2 * ((sc >> 3) & 7) + 1);
-    signed_chunk(iq1_levels(grid, delta), scales)
+    signed_chunk(iq1_levels(grid, delta), pick(p.scales, ib))
 }
 
 // ---- the shared kernel shape ------------------------------------------------------------------
@@ -344,7 +447,7 @@ unsafe fn act_d(a: *const u8) -> f32 {
 // checked here, so the raw-pointer reads below stay in bounds: n whole weight blocks, and at least
 // n Q8_K blocks in every activation row.
 macro_rules! kernels {
-    ($dot:ident, $dot_x4:ident, $bytes:expr, $d:ident, $chunk:ident, $factor:expr) => {
+    ($dot:ident, $dot_x4:ident, $bytes:expr, $prep:ident, $chunk:ident, $factor:expr) => {
         /// SAFETY: the CPU must have AVX2, FMA and F16C.
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn $dot(w: &[u8], a: &[u8]) -> f32 {
@@ -353,11 +456,12 @@ macro_rules! kernels {
             let mut acc = _mm256_setzero_ps();
             for (wb, ab) in w.chunks_exact($bytes).zip(a.chunks_exact(Q8K_BYTES)) {
                 let qa = ab.as_ptr().add(Q8K_QS);
+                let p = $prep(wb);
                 let mut isum = _mm256_setzero_si256();
                 for ib in 0..8 {
-                    isum = _mm256_add_epi32(isum, chunk_dot($chunk(wb, ib), qa.add(32 * ib)));
+                    isum = _mm256_add_epi32(isum, chunk_dot($chunk(wb, &p, ib), qa.add(32 * ib)));
                 }
-                let d = _mm256_set1_ps($d(wb) * act_d(ab.as_ptr()));
+                let d = _mm256_set1_ps(p.d * act_d(ab.as_ptr()));
                 acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc);
             }
             hsum(acc) * $factor
@@ -374,15 +478,16 @@ macro_rules! kernels {
             let mut acc = [_mm256_setzero_ps(); 4];
             for (i, wb) in w.chunks_exact($bytes).enumerate() {
                 let ab = a.map(|r| r.as_ptr().add(i * Q8K_BYTES));
+                let p = $prep(wb);
                 let mut isum = [_mm256_setzero_si256(); 4];
                 for ib in 0..8 {
-                    let c = $chunk(wb, ib);
+                    let c = $chunk(wb, &p, ib);
                     for j in 0..4 {
                         let qa = ab[j].add(Q8K_QS + 32 * ib);
                         isum[j] = _mm256_add_epi32(isum[j], chunk_dot(c, qa));
                     }
                 }
-                let dw = $d(wb);
+                let dw = p.d;
                 for j in 0..4 {
                     let d = _mm256_set1_ps(dw * act_d(ab[j]));
                     acc[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[j]), acc[j]);
@@ -398,25 +503,25 @@ macro_rules! kernels {
     };
 }
 
-kernels!(dot_iq4_xs, dot_iq4_xs_x4, 136, d_first, chunk_iq4_xs, 1.0);
+kernels!(dot_iq4_xs, dot_iq4_xs_x4, 136, prep_d, chunk_iq4_xs, 1.0);
 kernels!(
     dot_iq2_xxs,
     dot_iq2_xxs_x4,
     66,
-    d_first,
+    prep_d,
     chunk_iq2_xxs,
     0.125
 );
-kernels!(dot_iq2_xs, dot_iq2_xs_x4, 74, d_first, chunk_iq2_xs, 0.125);
-kernels!(dot_iq2_s, dot_iq2_s_x4, 82, d_first, chunk_iq2_s, 0.125);
 kernels!(
-    dot_iq3_xxs,
-    dot_iq3_xxs_x4,
-    98,
-    d_first,
-    chunk_iq3_xxs,
-    0.25
+    dot_iq2_xs,
+    dot_iq2_xs_x4,
+    74,
+    prep_iq2_xs,
+    chunk_iq2_xs,
+    0.125
 );
-kernels!(dot_iq3_s, dot_iq3_s_x4, 110, d_first, chunk_iq3_s, 1.0);
-kernels!(dot_iq1_s, dot_iq1_s_x4, 50, d_first, chunk_iq1_s, 0.125);
-kernels!(dot_iq1_m, dot_iq1_m_x4, 56, d_iq1_m, chunk_iq1_m, 0.125);
+kernels!(dot_iq2_s, dot_iq2_s_x4, 82, prep_iq2_s, chunk_iq2_s, 0.125);
+kernels!(dot_iq3_xxs, dot_iq3_xxs_x4, 98, prep_d, chunk_iq3_xxs, 0.25);
+kernels!(dot_iq3_s, dot_iq3_s_x4, 110, prep_iq3_s, chunk_iq3_s, 1.0);
+kernels!(dot_iq1_s, dot_iq1_s_x4, 50, prep_iq1_s, chunk_iq1_s, 0.125);
+kernels!(dot_iq1_m, dot_iq1_m_x4, 56, prep_iq1_m, chunk_iq1_m, 0.125);
