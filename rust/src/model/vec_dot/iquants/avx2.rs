@@ -79,13 +79,11 @@ struct Chunk {
 
 /// What a block needs once, before its chunks: the super-scale d and, for types whose sub-block
 /// scales are packed together, all 16 of them as i16 (`scales`: the 8 first-half scales in the low
-/// 128 bits, the 8 second-half ones in the high 128 bits, sub-block order) and any other per-block
-/// vector (`extra`).
+/// 128 bits, the 8 second-half ones in the high 128 bits, sub-block order).
 #[derive(Clone, Copy)]
 struct Prep {
     d: f32,
     scales: __m256i,
-    extra: __m256i,
 }
 
 /// vpshufb patterns repeating i16 element ib of each 128-bit half over that half.
@@ -136,7 +134,6 @@ unsafe fn prep_d(b: &[u8]) -> Prep {
     Prep {
         d: f16_to_f32(u16_at(b, 0)),
         scales: _mm256_setzero_si256(),
-        extra: _mm256_setzero_si256(),
     }
 }
 
@@ -335,26 +332,69 @@ unsafe fn prep_iq3_s(b: &[u8]) -> Prep {
     }
 }
 
-/// IQ1_S: the 8 qh words hold each sub-block's scale (bits 12-14) and delta sign (bit 15).
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn prep_iq1_s(b: &[u8]) -> Prep {
-    let qh = _mm_loadu_si128(b[34..50].as_ptr() as *const __m128i);
-    let s = _mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7));
-    // 0xffff (δ = -1 in both bytes) or 0x0101 (+1)
-    let delta = _mm_or_si128(_mm_srai_epi16(qh, 15), _mm_set1_epi16(0x0101));
-    Prep {
-        scales: odd(_mm256_set_m128i(s, s)),
-        extra: _mm256_set_m128i(delta, delta),
-        ..prep_d(b)
-    }
+/// IQ1 blocks, prepared once: d, the 16 scales (as `Prep::scales`), the 32 grid indices (11 bits)
+/// of the 8-value groups, and their deltas ±1 as bytes.
+#[derive(Clone, Copy)]
+struct PrepIq1 {
+    d: f32,
+    scales: __m256i,
+    idx: [u16; 32],
+    delta: [i8; 32],
 }
 
-/// IQ1_M: the 4 scale words hold the 3-bit scales at bits 0/3 (sub-block 2w, halves 1/2) and
-/// 6/9 (sub-block 2w+1), and the f16 super-scale in their top nibbles.
+/// The 32 grid indices: low bytes `qs`, high 3 bits one byte per group in `high` (group order).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq1_indices(qs: __m256i, high: __m256i, idx: &mut [u16; 32]) {
+    let lo = _mm256_unpacklo_epi8(qs, high); // groups 0-7 | 16-23
+    let hi = _mm256_unpackhi_epi8(qs, high); // groups 8-15 | 24-31
+    let out = idx.as_mut_ptr() as *mut __m128i;
+    _mm_storeu_si128(out, _mm256_castsi256_si128(lo));
+    _mm_storeu_si128(out.add(1), _mm256_castsi256_si128(hi));
+    _mm_storeu_si128(out.add(2), _mm256_extracti128_si256(lo, 1));
+    _mm_storeu_si128(out.add(3), _mm256_extracti128_si256(hi, 1));
+}
+
+/// IQ1_S: qs[32] | qh[8] u16: per sub-block 4 × 3 index bits, a 3-bit scale (bits 12-14) and the
+/// delta sign (bit 15).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn prep_iq1_m(b: &[u8]) -> Prep {
+unsafe fn prep_iq1_s(b: &[u8]) -> PrepIq1 {
+    let qh = _mm_loadu_si128(b[34..50].as_ptr() as *const __m128i);
+    let s = _mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7));
+    // the 4 three-bit fields of each word, one byte each: bits 0-2, 8-10, 16-18, 24-26
+    let w = _mm256_cvtepu16_epi32(qh);
+    let f = _mm256_or_si256(
+        _mm256_or_si256(
+            _mm256_and_si256(w, _mm256_set1_epi32(7)),
+            _mm256_and_si256(_mm256_slli_epi32(w, 5), _mm256_set1_epi32(0x700)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_slli_epi32(w, 10), _mm256_set1_epi32(0x7_0000)),
+            _mm256_and_si256(_mm256_slli_epi32(w, 15), _mm256_set1_epi32(0x700_0000)),
+        ),
+    );
+    let mut p = PrepIq1 {
+        d: f16_to_f32(u16_at(b, 0)),
+        scales: odd(_mm256_set_m128i(s, s)),
+        idx: [0; 32],
+        delta: [0; 32],
+    };
+    let qs = _mm256_loadu_si256(b[2..34].as_ptr() as *const __m256i);
+    iq1_indices(qs, f, &mut p.idx);
+    // one sign per sub-block: -1 where bit 15 is set, else +1, for all 4 groups
+    let neg = _mm256_srai_epi32(_mm256_slli_epi32(w, 16), 31);
+    let delta = _mm256_or_si256(neg, _mm256_set1_epi8(1));
+    _mm256_storeu_si256(p.delta.as_mut_ptr() as *mut __m256i, delta);
+    p
+}
+
+/// IQ1_M: qs[32] | qh[16] (per group: 3 index bits and the delta sign, two groups a byte) |
+/// scales (4 u16: 3-bit scales at bits 0/3 for sub-block 2w's halves and 6/9 for 2w+1, the f16
+/// super-scale in the top nibbles).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn prep_iq1_m(b: &[u8]) -> PrepIq1 {
     let sc = [0, 1, 2, 3].map(|i| u16_at(b, 48 + 2 * i));
     let bits = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000);
     let v = _mm256_set1_epi64x(u64::from_le_bytes(b[48..56].try_into().unwrap()) as i64);
@@ -363,59 +403,64 @@ unsafe fn prep_iq1_m(b: &[u8]) -> Prep {
     let even = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 3, 3));
     let odd_ = _mm256_srlv_epi64(v, _mm256_setr_epi64x(6, 6, 9, 9));
     let s = _mm256_and_si256(_mm256_unpacklo_epi16(even, odd_), _mm256_set1_epi16(7));
-    Prep {
+    let mut p = PrepIq1 {
         d: f16_to_f32(bits),
         scales: odd(s),
-        extra: _mm256_setzero_si256(),
-    }
+        idx: [0; 32],
+        delta: [0; 32],
+    };
+    let qh = _mm_loadu_si128(b[32..48].as_ptr() as *const __m128i);
+    let m7 = _mm_set1_epi8(7);
+    let (lo, hi) = (
+        _mm_and_si128(qh, m7),
+        _mm_and_si128(_mm_srli_epi16(qh, 4), m7),
+    );
+    let high = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+    let qs = _mm256_loadu_si256(b[..32].as_ptr() as *const __m256i);
+    iq1_indices(qs, high, &mut p.idx);
+    // delta signs: bit 3 (even groups) and bit 7 (odd groups)
+    let (b3, b7) = (_mm_set1_epi8(0x08), _mm_set1_epi8(0x80u8 as i8));
+    let n3 = _mm_cmpeq_epi8(_mm_and_si128(qh, b3), b3);
+    let n7 = _mm_cmpeq_epi8(_mm_and_si128(qh, b7), b7);
+    let neg = _mm256_set_m128i(_mm_unpackhi_epi8(n3, n7), _mm_unpacklo_epi8(n3, n7));
+    let delta = _mm256_or_si256(neg, _mm256_set1_epi8(1));
+    _mm256_storeu_si256(p.delta.as_mut_ptr() as *mut __m256i, delta);
+    p
 }
 
-/// IQ1 levels 8·g + δ from grid rows g ∈ {-1, 0, 1} (`sign(8, g)` = 8g) and per-byte δ = ±1.
+/// IQ1 chunk ib: levels 8·g + δ from grid rows g ∈ {-1, 0, 1} (`sign(8, g)` = 8g), δ = ±1 per
+/// 8-value group.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn iq1_levels(grid: __m256i, delta: __m256i) -> __m256i {
-    _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), grid), delta)
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn chunk_iq1_s(b: &[u8], p: &Prep, ib: usize) -> Chunk {
-    let qh = u16_at(b, 34 + 2 * ib) as usize;
-    let idx = [0, 1, 2, 3].map(|l| b[2 + 4 * ib + l] as usize | (((qh >> (3 * l)) & 7) << 8));
+unsafe fn chunk_iq1(p: &PrepIq1, ib: usize) -> Chunk {
     let g = &IQ1S_GRID;
-    let grid = rows4(g[idx[0]], g[idx[1]], g[idx[2]], g[idx[3]]);
-    let delta = pick(p.extra, ib);
-    signed_chunk(iq1_levels(grid, delta), pick(p.scales, ib))
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn chunk_iq1_m(b: &[u8], p: &Prep, ib: usize) -> Chunk {
-    let (h0, h1) = (b[32 + 2 * ib] as usize, b[33 + 2 * ib] as usize);
-    let q = &b[4 * ib..4 * ib + 4];
-    let g = &IQ1S_GRID;
+    let i = &p.idx[4 * ib..4 * ib + 4];
     let grid = rows4(
-        g[q[0] as usize | ((h0 & 7) << 8)],
-        g[q[1] as usize | ((h0 & 0x70) << 4)],
-        g[q[2] as usize | ((h1 & 7) << 8)],
-        g[q[3] as usize | ((h1 & 0x70) << 4)],
+        g[(i[0] & 0x7ff) as usize],
+        g[(i[1] & 0x7ff) as usize],
+        g[(i[2] & 0x7ff) as usize],
+        g[(i[3] & 0x7ff) as usize],
     );
-    // δ per 8 values: bit 3 (even groups) or bit 7 (odd groups) of qh byte 2·ib + group/2,
-    // spread to bytes, set → -1, clear → +1
-    let qh = _mm256_set1_epi16(u16_at(b, 32 + 2 * ib) as i16);
+    let d4 = u32::from_le_bytes([0, 1, 2, 3].map(|l| p.delta[4 * ib + l] as u8));
     let spread = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-        1, 1,
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
     );
-    let bit = _mm256_setr_epi64x(
-        0x0808_0808_0808_0808,
-        0x8080_8080_8080_8080u64 as i64,
-        0x0808_0808_0808_0808,
-        0x8080_8080_8080_8080u64 as i64,
-    );
-    let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, spread), bit), bit);
-    let delta = _mm256_or_si256(set, _mm256_set1_epi8(1));
-    signed_chunk(iq1_levels(grid, delta), pick(p.scales, ib))
+    let delta = _mm256_shuffle_epi8(_mm256_set1_epi32(d4 as i32), spread);
+    let levels = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), grid), delta);
+    signed_chunk(levels, pick(p.scales, ib))
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn chunk_iq1_s(_: &[u8], p: &PrepIq1, ib: usize) -> Chunk {
+    chunk_iq1(p, ib)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn chunk_iq1_m(_: &[u8], p: &PrepIq1, ib: usize) -> Chunk {
+    chunk_iq1(p, ib)
 }
 
 // ---- the shared kernel shape ------------------------------------------------------------------
