@@ -251,19 +251,6 @@ unsafe fn chunk_iq2_xs(b: &[u8], p: &Prep, ib: usize) -> Chunk {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn chunk_iq2_s(b: &[u8], p: &Prep, ib: usize) -> Chunk {
-    let qh = b[66 + ib] as usize;
-    let idx = [0, 1, 2, 3].map(|l| b[2 + 4 * ib + l] as usize | ((qh << (8 - 2 * l)) & 0x300));
-    let g = &IQ2S_GRID;
-    Chunk {
-        mag: rows4(g[idx[0]], g[idx[1]], g[idx[2]], g[idx[3]]),
-        sgn: signs_from_bits(u32_at(b, 34 + 4 * ib)),
-        scales: pick(p.scales, ib),
-    }
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
 unsafe fn chunk_iq3_xxs(b: &[u8], _: &Prep, ib: usize) -> Chunk {
     let q = &b[2 + 8 * ib..2 + 8 * ib + 8];
     let g = |k: usize| IQ3XXS_GRID[q[k] as usize] as i32;
@@ -282,19 +269,6 @@ unsafe fn chunk_iq3_xxs(b: &[u8], _: &Prep, ib: usize) -> Chunk {
 }
 
 #[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn chunk_iq3_s(b: &[u8], p: &Prep, ib: usize) -> Chunk {
-    let q = &b[2 + 8 * ib..2 + 8 * ib + 8];
-    let qh = b[66 + ib] as usize;
-    let g = |k: usize| IQ3S_GRID[q[k] as usize | (((qh >> k) & 1) << 8)] as i32;
-    Chunk {
-        mag: _mm256_setr_epi32(g(0), g(1), g(2), g(3), g(4), g(5), g(6), g(7)),
-        sgn: signs_from_bits(u32_at(b, 74 + 4 * ib)),
-        scales: pick(p.scales, ib),
-    }
-}
-
-#[inline]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn prep_iq2_xs(b: &[u8]) -> Prep {
     let scales = nibble_scales(u64::from_le_bytes(b[66..74].try_into().unwrap()));
@@ -304,21 +278,77 @@ unsafe fn prep_iq2_xs(b: &[u8]) -> Prep {
     }
 }
 
+/// 32 grid indices qs | high << 8 (one byte of each per group, in group order) to idx[..32].
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn indices32(qs: __m256i, high: __m256i, idx: &mut [u16]) {
+    let lo = _mm256_unpacklo_epi8(qs, high); // groups 0-7 | 16-23
+    let hi = _mm256_unpackhi_epi8(qs, high); // groups 8-15 | 24-31
+    let out = idx[..32].as_mut_ptr() as *mut __m128i;
+    _mm_storeu_si128(out, _mm256_castsi256_si128(lo));
+    _mm_storeu_si128(out.add(1), _mm256_castsi256_si128(hi));
+    _mm_storeu_si128(out.add(2), _mm256_extracti128_si256(lo, 1));
+    _mm_storeu_si128(out.add(3), _mm256_extracti128_si256(hi, 1));
+}
+
+/// Blocks whose grid indices are assembled from several fields, prepared once: d, the scales (as
+/// in `Prep`) and the indices.
+#[derive(Clone, Copy)]
+struct PrepIdx<const N: usize> {
+    d: f32,
+    scales: __m256i,
+    idx: [u16; N],
+}
+
+/// IQ2_S: d | qs[32] (index low bytes) | signs[32] | qh[8] (2 high index bits per group) |
+/// scales[8].
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn prep_iq2_s(b: &[u8]) -> Prep {
-    let scales = nibble_scales(u64::from_le_bytes(b[74..82].try_into().unwrap()));
-    Prep {
-        scales,
-        ..prep_d(b)
+unsafe fn prep_iq2_s(b: &[u8]) -> PrepIdx<32> {
+    let mut p = PrepIdx {
+        d: f16_to_f32(u16_at(b, 0)),
+        scales: nibble_scales(u64::from_le_bytes(b[74..82].try_into().unwrap())),
+        idx: [0; 32],
+    };
+    // the 4 two-bit fields of each qh byte, one byte each
+    let w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(b[66..74].as_ptr() as *const __m128i));
+    let f = _mm256_or_si256(
+        _mm256_or_si256(
+            _mm256_and_si256(w, _mm256_set1_epi32(3)),
+            _mm256_and_si256(_mm256_slli_epi32(w, 6), _mm256_set1_epi32(0x300)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_slli_epi32(w, 12), _mm256_set1_epi32(0x3_0000)),
+            _mm256_and_si256(_mm256_slli_epi32(w, 18), _mm256_set1_epi32(0x300_0000)),
+        ),
+    );
+    let qs = _mm256_loadu_si256(b[2..34].as_ptr() as *const __m256i);
+    indices32(qs, f, &mut p.idx);
+    p
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn chunk_iq2_s(b: &[u8], p: &PrepIdx<32>, ib: usize) -> Chunk {
+    let g = &IQ2S_GRID;
+    let i = &p.idx[4 * ib..4 * ib + 4];
+    Chunk {
+        mag: rows4(
+            g[(i[0] & 1023) as usize],
+            g[(i[1] & 1023) as usize],
+            g[(i[2] & 1023) as usize],
+            g[(i[3] & 1023) as usize],
+        ),
+        sgn: signs_from_bits(u32_at(b, 34 + 4 * ib)),
+        scales: pick(p.scales, ib),
     }
 }
 
-/// IQ3_S: 4 bytes of two 4-bit scales (sub-blocks 2k, 2k+1), one 2s+1 per sub-block for both
-/// halves.
+/// IQ3_S: d | qs[64] (index low bytes) | qh[8] (9th bits, one byte per sub-block) | signs[32] |
+/// scales[4] (two 4-bit scales a byte, one per sub-block for both halves).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn prep_iq3_s(b: &[u8]) -> Prep {
+unsafe fn prep_iq3_s(b: &[u8]) -> PrepIdx<64> {
     let v = _mm_cvtsi32_si128(u32_at(b, 106) as i32);
     let m4 = _mm_set1_epi8(0x0f);
     let s = _mm_unpacklo_epi8(
@@ -326,9 +356,67 @@ unsafe fn prep_iq3_s(b: &[u8]) -> Prep {
         _mm_and_si128(_mm_srli_epi16(v, 4), m4),
     );
     let s = _mm_cvtepu8_epi16(s);
-    Prep {
+    let mut p = PrepIdx {
+        d: f16_to_f32(u16_at(b, 0)),
         scales: odd(_mm256_set_m128i(s, s)),
-        ..prep_d(b)
+        idx: [0; 64],
+    };
+    // bit k of qh[ib] as byte 8·ib + k (0 or 1), sub-blocks 0-3 then 4-7
+    let qh = _mm256_set1_epi64x(u64::from_le_bytes(b[66..74].try_into().unwrap()) as i64);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let one = _mm256_set1_epi8(1);
+    for h in 0..2 {
+        let k = 4 * h as i8;
+        let spread = _mm256_setr_epi8(
+            k,
+            k,
+            k,
+            k,
+            k,
+            k,
+            k,
+            k,
+            k + 1,
+            k + 1,
+            k + 1,
+            k + 1,
+            k + 1,
+            k + 1,
+            k + 1,
+            k + 1,
+            k + 2,
+            k + 2,
+            k + 2,
+            k + 2,
+            k + 2,
+            k + 2,
+            k + 2,
+            k + 2,
+            k + 3,
+            k + 3,
+            k + 3,
+            k + 3,
+            k + 3,
+            k + 3,
+            k + 3,
+            k + 3,
+        );
+        let high = _mm256_min_epu8(_mm256_and_si256(_mm256_shuffle_epi8(qh, spread), bit), one);
+        let qs = _mm256_loadu_si256(b[2 + 32 * h..34 + 32 * h].as_ptr() as *const __m256i);
+        indices32(qs, high, &mut p.idx[32 * h..]);
+    }
+    p
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn chunk_iq3_s(b: &[u8], p: &PrepIdx<64>, ib: usize) -> Chunk {
+    let i = &p.idx[8 * ib..8 * ib + 8];
+    let g = |k: usize| IQ3S_GRID[(i[k] & 511) as usize] as i32;
+    Chunk {
+        mag: _mm256_setr_epi32(g(0), g(1), g(2), g(3), g(4), g(5), g(6), g(7)),
+        sgn: signs_from_bits(u32_at(b, 74 + 4 * ib)),
+        scales: pick(p.scales, ib),
     }
 }
 
@@ -340,19 +428,6 @@ struct PrepIq1 {
     scales: __m256i,
     idx: [u16; 32],
     delta: [i8; 32],
-}
-
-/// The 32 grid indices: low bytes `qs`, high 3 bits one byte per group in `high` (group order).
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn iq1_indices(qs: __m256i, high: __m256i, idx: &mut [u16; 32]) {
-    let lo = _mm256_unpacklo_epi8(qs, high); // groups 0-7 | 16-23
-    let hi = _mm256_unpackhi_epi8(qs, high); // groups 8-15 | 24-31
-    let out = idx.as_mut_ptr() as *mut __m128i;
-    _mm_storeu_si128(out, _mm256_castsi256_si128(lo));
-    _mm_storeu_si128(out.add(1), _mm256_castsi256_si128(hi));
-    _mm_storeu_si128(out.add(2), _mm256_extracti128_si256(lo, 1));
-    _mm_storeu_si128(out.add(3), _mm256_extracti128_si256(hi, 1));
 }
 
 /// IQ1_S: qs[32] | qh[8] u16: per sub-block 4 × 3 index bits, a 3-bit scale (bits 12-14) and the
@@ -381,7 +456,7 @@ unsafe fn prep_iq1_s(b: &[u8]) -> PrepIq1 {
         delta: [0; 32],
     };
     let qs = _mm256_loadu_si256(b[2..34].as_ptr() as *const __m256i);
-    iq1_indices(qs, f, &mut p.idx);
+    indices32(qs, f, &mut p.idx);
     // one sign per sub-block: -1 where bit 15 is set, else +1, for all 4 groups
     let neg = _mm256_srai_epi32(_mm256_slli_epi32(w, 16), 31);
     let delta = _mm256_or_si256(neg, _mm256_set1_epi8(1));
@@ -417,7 +492,7 @@ unsafe fn prep_iq1_m(b: &[u8]) -> PrepIq1 {
     );
     let high = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
     let qs = _mm256_loadu_si256(b[..32].as_ptr() as *const __m256i);
-    iq1_indices(qs, high, &mut p.idx);
+    indices32(qs, high, &mut p.idx);
     // delta signs: bit 3 (even groups) and bit 7 (odd groups)
     let (b3, b7) = (_mm_set1_epi8(0x08), _mm_set1_epi8(0x80u8 as i8));
     let n3 = _mm_cmpeq_epi8(_mm_and_si128(qh, b3), b3);
