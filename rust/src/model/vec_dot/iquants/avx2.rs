@@ -251,7 +251,7 @@ unsafe fn chunk_iq2_xs(b: &[u8], p: &Prep, ib: usize) -> Chunk {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn chunk_iq3_xxs(b: &[u8], _: &Prep, ib: usize) -> Chunk {
+unsafe fn chunk_iq3_xxs(b: &[u8], p: &Prep, ib: usize) -> Chunk {
     let q = &b[2 + 8 * ib..2 + 8 * ib + 8];
     let g = |k: usize| IQ3XXS_GRID[q[k] as usize] as i32;
     let aux = u32_at(b, 66 + 4 * ib) as usize;
@@ -264,7 +264,22 @@ unsafe fn chunk_iq3_xxs(b: &[u8], _: &Prep, ib: usize) -> Chunk {
             s[(aux >> 14) & 127],
             s[(aux >> 21) & 127],
         ),
-        scales: _mm256_set1_epi16((2 * (aux >> 28) + 1) as i16),
+        scales: pick(p.scales, ib),
+    }
+}
+
+/// IQ3_XXS: the 8 sign-and-scale words are contiguous; scale = top 4 bits, for both halves.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn prep_iq3_xxs(b: &[u8]) -> Prep {
+    let aux = _mm256_loadu_si256(b[66..98].as_ptr() as *const __m256i);
+    let s = _mm256_srli_epi32(aux, 28);
+    // i32 → i16 per 128-bit lane ([s0-3, s0-3 | s4-7, s4-7]), then s0-7 into both lanes
+    let s = _mm256_packus_epi32(s, s);
+    let s = _mm256_permute4x64_epi64(s, 0b10_00_10_00);
+    Prep {
+        scales: odd(s),
+        ..prep_d(b)
     }
 }
 
@@ -289,6 +304,18 @@ unsafe fn indices32(qs: __m256i, high: __m256i, idx: &mut [u16]) {
     _mm_storeu_si128(out.add(1), _mm256_castsi256_si128(hi));
     _mm_storeu_si128(out.add(2), _mm256_extracti128_si256(lo, 1));
     _mm_storeu_si128(out.add(3), _mm256_extracti128_si256(hi, 1));
+}
+
+/// Row `i` of a grid, from an index assembled by a `prep_*` function.
+///
+/// A masked safe index (`g[i & (N - 1)]`) gets vectorized by LLVM into a vector AND plus one
+/// `vpextrw` per index, which costs more than the lookup itself; the indices are in range by
+/// construction instead (a low byte plus at most log2(N) - 8 high bits), checked in debug builds.
+#[inline]
+unsafe fn grid_row<T: Copy, const N: usize>(grid: &[T; N], i: u16) -> T {
+    debug_assert!((i as usize) < N);
+    // SAFETY: every prep_* function builds indices from a byte and (log2(N) - 8) masked bits.
+    *grid.get_unchecked(i as usize)
 }
 
 /// Blocks whose grid indices are assembled from several fields, prepared once: d, the scales (as
@@ -330,15 +357,10 @@ unsafe fn prep_iq2_s(b: &[u8]) -> PrepIdx<32> {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn chunk_iq2_s(b: &[u8], p: &PrepIdx<32>, ib: usize) -> Chunk {
-    let g = &IQ2S_GRID;
     let i = &p.idx[4 * ib..4 * ib + 4];
+    let g = |k: usize| grid_row(&IQ2S_GRID, i[k]);
     Chunk {
-        mag: rows4(
-            g[(i[0] & 1023) as usize],
-            g[(i[1] & 1023) as usize],
-            g[(i[2] & 1023) as usize],
-            g[(i[3] & 1023) as usize],
-        ),
+        mag: rows4(g(0), g(1), g(2), g(3)),
         sgn: signs_from_bits(u32_at(b, 34 + 4 * ib)),
         scales: pick(p.scales, ib),
     }
@@ -412,7 +434,7 @@ unsafe fn prep_iq3_s(b: &[u8]) -> PrepIdx<64> {
 #[target_feature(enable = "avx2")]
 unsafe fn chunk_iq3_s(b: &[u8], p: &PrepIdx<64>, ib: usize) -> Chunk {
     let i = &p.idx[8 * ib..8 * ib + 8];
-    let g = |k: usize| IQ3S_GRID[(i[k] & 511) as usize] as i32;
+    let g = |k: usize| grid_row(&IQ3S_GRID, i[k]) as i32;
     Chunk {
         mag: _mm256_setr_epi32(g(0), g(1), g(2), g(3), g(4), g(5), g(6), g(7)),
         sgn: signs_from_bits(u32_at(b, 74 + 4 * ib)),
@@ -508,14 +530,9 @@ unsafe fn prep_iq1_m(b: &[u8]) -> PrepIq1 {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn chunk_iq1(p: &PrepIq1, ib: usize) -> Chunk {
-    let g = &IQ1S_GRID;
     let i = &p.idx[4 * ib..4 * ib + 4];
-    let grid = rows4(
-        g[(i[0] & 0x7ff) as usize],
-        g[(i[1] & 0x7ff) as usize],
-        g[(i[2] & 0x7ff) as usize],
-        g[(i[3] & 0x7ff) as usize],
-    );
+    let g = |k: usize| grid_row(&IQ1S_GRID, i[k]);
+    let grid = rows4(g(0), g(1), g(2), g(3));
     let d4 = u32::from_le_bytes([0, 1, 2, 3].map(|l| p.delta[4 * ib + l] as u8));
     let spread = _mm256_setr_epi8(
         0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
@@ -641,7 +658,14 @@ kernels!(
     0.125
 );
 kernels!(dot_iq2_s, dot_iq2_s_x4, 82, prep_iq2_s, chunk_iq2_s, 0.125);
-kernels!(dot_iq3_xxs, dot_iq3_xxs_x4, 98, prep_d, chunk_iq3_xxs, 0.25);
+kernels!(
+    dot_iq3_xxs,
+    dot_iq3_xxs_x4,
+    98,
+    prep_iq3_xxs,
+    chunk_iq3_xxs,
+    0.25
+);
 kernels!(dot_iq3_s, dot_iq3_s_x4, 110, prep_iq3_s, chunk_iq3_s, 1.0);
 kernels!(dot_iq1_s, dot_iq1_s_x4, 50, prep_iq1_s, chunk_iq1_s, 0.125);
 kernels!(dot_iq1_m, dot_iq1_m_x4, 56, prep_iq1_m, chunk_iq1_m, 0.125);
