@@ -591,9 +591,22 @@ macro_rules! kernels {
             let n = w.len() / $bytes;
             assert!(a.len() >= n * Q8K_BYTES, "activation row too short");
             let mut acc = _mm256_setzero_ps();
-            for (wb, ab) in w.chunks_exact($bytes).zip(a.chunks_exact(Q8K_BYTES)) {
+            if n == 0 {
+                return 0.0;
+            }
+            // Each block is prepared one iteration ahead: a prep that stores indices for its
+            // chunks to load then has long retired (no store-forwarding stall per block).
+            let mut next = $prep(&w[..$bytes]);
+            for (i, (wb, ab)) in w
+                .chunks_exact($bytes)
+                .zip(a.chunks_exact(Q8K_BYTES))
+                .enumerate()
+            {
                 let qa = ab.as_ptr().add(Q8K_QS);
-                let p = $prep(wb);
+                let p = next;
+                if i + 1 < n {
+                    next = $prep(&w[(i + 1) * $bytes..(i + 2) * $bytes]);
+                }
                 let mut isum = _mm256_setzero_si256();
                 for ib in 0..8 {
                     isum = _mm256_add_epi32(isum, chunk_dot($chunk(wb, &p, ib), qa.add(32 * ib)));
@@ -613,9 +626,16 @@ macro_rules! kernels {
                 "activation row too short"
             );
             let mut acc = [_mm256_setzero_ps(); 4];
+            if n == 0 {
+                return [0.0; 4];
+            }
+            let mut next = $prep(&w[..$bytes]); // one block ahead, as in the 1-row kernel
             for (i, wb) in w.chunks_exact($bytes).enumerate() {
                 let ab = a.map(|r| r.as_ptr().add(i * Q8K_BYTES));
-                let p = $prep(wb);
+                let p = next;
+                if i + 1 < n {
+                    next = $prep(&w[(i + 1) * $bytes..(i + 2) * $bytes]);
+                }
                 let mut isum = [_mm256_setzero_si256(); 4];
                 for ib in 0..8 {
                     let c = $chunk(wb, &p, ib);
