@@ -10,6 +10,9 @@
 use std::arch::x86_64::*;
 
 use super::{u16_at, u32_at, DotKernels, Q8K_BYTES, Q8K_QS};
+
+/// Offset of the 16 i16 sums of 16 levels in a Q8_K block.
+const Q8K_BSUMS: usize = 260;
 use crate::quant::cpu;
 use crate::quant::iq_tables::{
     IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, KSIGNS_IQ2XS,
@@ -442,7 +445,7 @@ unsafe fn chunk_iq3_s(b: &[u8], p: &PrepIdx<64>, ib: usize) -> Chunk {
     }
 }
 
-/// IQ1 blocks, prepared once: d, the 16 scales (as `Prep::scales`), the 32 grid indices (11 bits)
+/// IQ1_M blocks, prepared once: d, the 16 scales (as `Prep::scales`), the 32 grid indices (11 bits)
 /// of the 8-value groups, and their deltas ±1 as bytes.
 #[derive(Clone, Copy)]
 struct PrepIq1 {
@@ -452,13 +455,30 @@ struct PrepIq1 {
     delta: [i8; 32],
 }
 
+/// IQ1_S, prepared once: d, the grid part's scales 8·(2s+1) (as `Prep::scales`), the per-16
+/// delta terms (2s+1)·δ in Q8_K bsums order, and the 32 grid indices.
+#[derive(Clone, Copy)]
+struct PrepIq1S {
+    d: f32,
+    scales: __m256i,
+    deltas: __m256i,
+    idx: [u16; 32],
+}
+
 /// IQ1_S: qs[32] | qh[8] u16: per sub-block 4 × 3 index bits, a 3-bit scale (bits 12-14) and the
-/// delta sign (bit 15).
+/// delta sign (bit 15). As ggml does, the delta meets the activations' 16-value sums (bsums):
+/// Σ ls·(8g + δ)·a = Σ 8·ls·g·a + Σ_halves ls·δ·bsum.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn prep_iq1_s(b: &[u8]) -> PrepIq1 {
+unsafe fn prep_iq1_s(b: &[u8]) -> PrepIq1S {
     let qh = _mm_loadu_si128(b[34..50].as_ptr() as *const __m128i);
-    let s = _mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7));
+    let ls = _mm_or_si128(
+        _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7)), 1),
+        _mm_set1_epi16(1),
+    );
+    let neg = _mm_srai_epi16(qh, 15);
+    let lsd = _mm_sub_epi16(_mm_xor_si128(ls, neg), neg); // ls·δ
+    let scales = _mm_slli_epi16(ls, 3);
     // the 4 three-bit fields of each word, one byte each: bits 0-2, 8-10, 16-18, 24-26
     let w = _mm256_cvtepu16_epi32(qh);
     let f = _mm256_or_si256(
@@ -471,19 +491,32 @@ unsafe fn prep_iq1_s(b: &[u8]) -> PrepIq1 {
             _mm256_and_si256(_mm256_slli_epi32(w, 15), _mm256_set1_epi32(0x700_0000)),
         ),
     );
-    let mut p = PrepIq1 {
+    let mut p = PrepIq1S {
         d: f16_to_f32(u16_at(b, 0)),
-        scales: odd(_mm256_set_m128i(s, s)),
+        scales: _mm256_set_m128i(scales, scales),
+        deltas: _mm256_set_m128i(_mm_unpackhi_epi16(lsd, lsd), _mm_unpacklo_epi16(lsd, lsd)),
         idx: [0; 32],
-        delta: [0; 32],
     };
     let qs = _mm256_loadu_si256(b[2..34].as_ptr() as *const __m256i);
     indices32(qs, f, &mut p.idx);
-    // one sign per sub-block: -1 where bit 15 is set, else +1, for all 4 groups
-    let neg = _mm256_srai_epi32(_mm256_slli_epi32(w, 16), 31);
-    let delta = _mm256_or_si256(neg, _mm256_set1_epi8(1));
-    _mm256_storeu_si256(p.delta.as_mut_ptr() as *mut __m256i, delta);
     p
+}
+
+/// IQ1_S chunk ib: |g| and g of the grid rows, scale 8·ls.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn chunk_iq1_s(_: &[u8], p: &PrepIq1S, ib: usize) -> Chunk {
+    let i = &p.idx[4 * ib..4 * ib + 4];
+    let g = |k: usize| grid_row(&IQ1S_GRID, i[k]);
+    signed_chunk(rows4(g(0), g(1), g(2), g(3)), pick(p.scales, ib))
+}
+
+/// IQ1_S's delta terms against one activation block's bsums (exact: |bsum| <= 16·127).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn extra_iq1_s(p: &PrepIq1S, a: *const u8) -> __m256i {
+    let bsums = _mm256_loadu_si256(a.add(Q8K_BSUMS) as *const __m256i);
+    _mm256_madd_epi16(bsums, p.deltas)
 }
 
 /// IQ1_M: qs[32] | qh[16] (per group: 3 index bits and the delta sign, two groups a byte) |
@@ -545,17 +578,18 @@ unsafe fn chunk_iq1(p: &PrepIq1, ib: usize) -> Chunk {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn chunk_iq1_s(_: &[u8], p: &PrepIq1, ib: usize) -> Chunk {
-    chunk_iq1(p, ib)
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
 unsafe fn chunk_iq1_m(_: &[u8], p: &PrepIq1, ib: usize) -> Chunk {
     chunk_iq1(p, ib)
 }
 
 // ---- the shared kernel shape ------------------------------------------------------------------
+
+/// No per-row block term.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn no_extra<P>(_: &P, _: *const u8) -> __m256i {
+    _mm256_setzero_si256()
+}
 
 /// 8 exact int32 lane sums of one chunk against 32 activation levels at `a`.
 #[inline]
@@ -584,7 +618,7 @@ unsafe fn act_d(a: *const u8) -> f32 {
 // checked here, so the raw-pointer reads below stay in bounds: n whole weight blocks, and at least
 // n Q8_K blocks in every activation row.
 macro_rules! kernels {
-    ($dot:ident, $dot_x4:ident, $bytes:expr, $prep:ident, $chunk:ident, $factor:expr) => {
+    ($dot:ident, $dot_x4:ident, $bytes:expr, $prep:ident, $chunk:ident, $extra:ident, $factor:expr) => {
         /// SAFETY: the CPU must have AVX2, FMA and F16C.
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn $dot(w: &[u8], a: &[u8]) -> f32 {
@@ -611,6 +645,7 @@ macro_rules! kernels {
                 for ib in 0..8 {
                     isum = _mm256_add_epi32(isum, chunk_dot($chunk(wb, &p, ib), qa.add(32 * ib)));
                 }
+                isum = _mm256_add_epi32(isum, $extra(&p, ab.as_ptr()));
                 let d = _mm256_set1_ps(p.d * act_d(ab.as_ptr()));
                 acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc);
             }
@@ -646,6 +681,7 @@ macro_rules! kernels {
                 }
                 let dw = p.d;
                 for j in 0..4 {
+                    isum[j] = _mm256_add_epi32(isum[j], $extra(&p, ab[j]));
                     let d = _mm256_set1_ps(dw * act_d(ab[j]));
                     acc[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[j]), acc[j]);
                 }
@@ -660,13 +696,22 @@ macro_rules! kernels {
     };
 }
 
-kernels!(dot_iq4_xs, dot_iq4_xs_x4, 136, prep_d, chunk_iq4_xs, 1.0);
+kernels!(
+    dot_iq4_xs,
+    dot_iq4_xs_x4,
+    136,
+    prep_d,
+    chunk_iq4_xs,
+    no_extra,
+    1.0
+);
 kernels!(
     dot_iq2_xxs,
     dot_iq2_xxs_x4,
     66,
     prep_d,
     chunk_iq2_xxs,
+    no_extra,
     0.125
 );
 kernels!(
@@ -675,17 +720,51 @@ kernels!(
     74,
     prep_iq2_xs,
     chunk_iq2_xs,
+    no_extra,
     0.125
 );
-kernels!(dot_iq2_s, dot_iq2_s_x4, 82, prep_iq2_s, chunk_iq2_s, 0.125);
+kernels!(
+    dot_iq2_s,
+    dot_iq2_s_x4,
+    82,
+    prep_iq2_s,
+    chunk_iq2_s,
+    no_extra,
+    0.125
+);
 kernels!(
     dot_iq3_xxs,
     dot_iq3_xxs_x4,
     98,
     prep_iq3_xxs,
     chunk_iq3_xxs,
+    no_extra,
     0.25
 );
-kernels!(dot_iq3_s, dot_iq3_s_x4, 110, prep_iq3_s, chunk_iq3_s, 1.0);
-kernels!(dot_iq1_s, dot_iq1_s_x4, 50, prep_iq1_s, chunk_iq1_s, 0.125);
-kernels!(dot_iq1_m, dot_iq1_m_x4, 56, prep_iq1_m, chunk_iq1_m, 0.125);
+kernels!(
+    dot_iq3_s,
+    dot_iq3_s_x4,
+    110,
+    prep_iq3_s,
+    chunk_iq3_s,
+    no_extra,
+    1.0
+);
+kernels!(
+    dot_iq1_s,
+    dot_iq1_s_x4,
+    50,
+    prep_iq1_s,
+    chunk_iq1_s,
+    extra_iq1_s,
+    0.125
+);
+kernels!(
+    dot_iq1_m,
+    dot_iq1_m_x4,
+    56,
+    prep_iq1_m,
+    chunk_iq1_m,
+    no_extra,
+    0.125
+);
