@@ -12,8 +12,9 @@
 //! with the inner sums exact in int32, as in ggml's `_generic` kernels (`ls` = 2s+1 for IQ2/IQ3/IQ1,
 //! s-32 for IQ4_XS; FACTOR = 1/8 for IQ2, 1/4 for IQ3_XXS, 1 for IQ3_S and IQ4_XS). IQ1_S/IQ1_M add
 //! a shift of ±1/8 to every level; ggml sums it apart (`sumi + IQ1S_DELTA·sumi1`, for IQ1_S from
-//! the Q8_K bsums), here it is folded into the levels as 8·g ± 1 with FACTOR 1/8, which is the same
-//! integer 8·sumi + sumi1 and so the same value as ggml's (both are exact in f32 at these sizes).
+//! the Q8_K bsums). The portable kernels (and IQ1_M's AVX2 one) fold it into the levels as 8·g ± 1
+//! with FACTOR 1/8, IQ1_S's AVX2 kernel scales the grid part by 8 and adds the bsums terms: both
+//! give the integer 8·sumi + sumi1, so the same value as ggml's (exact in f32 at these sizes).
 //!
 //! Only the float steps differ from ggml: one `d_w·d_a·isum` per block (ggml's AVX2 kernels do the
 //! same per 8 lanes), accumulated in a different order, so results agree to float rounding.

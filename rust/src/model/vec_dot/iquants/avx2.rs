@@ -4,21 +4,26 @@
 //! `madd(maddubs(|q|, sign(a, q)), scales)`: 8 exact int32 lanes (|q|, |a| <= 127, so the i16 pair
 //! sums of maddubs stay below 2·127·127 < 2¹⁵ and cannot saturate). The lanes of a block's 8 chunks
 //! are added as int32, scaled once by d_w·d_a into 8 float lanes, and the lanes summed at the end,
-//! as ggml's AVX2 kernels do. The 4-row kernels decode each chunk once and add in exactly the same
-//! order as the 1-row ones, so batching never changes a result.
+//! as ggml's AVX2 kernels do.
+//!
+//! Per block, a `prep_*` function first gathers what is packed across sub-blocks (all 16 scales in
+//! one vector, grid indices assembled from several fields), one block ahead of its use; `extra_*`
+//! adds a per-row block term (IQ1_S's deltas against the Q8_K bsums). The 4-row kernels decode each
+//! chunk once and add in exactly the same order as the 1-row ones, so batching never changes a
+//! result.
 
 use std::arch::x86_64::*;
 
 use super::{u16_at, u32_at, DotKernels, Q8K_BYTES, Q8K_QS};
-
-/// Offset of the 16 i16 sums of 16 levels in a Q8_K block.
-const Q8K_BSUMS: usize = 260;
 use crate::quant::cpu;
 use crate::quant::iq_tables::{
     IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, KSIGNS_IQ2XS,
     KVALUES_IQ4NL,
 };
 use crate::types::GgmlType;
+
+/// Offset of the 16 i16 sums of 16 levels in a Q8_K block.
+const Q8K_BSUMS: usize = 260;
 
 /// The AVX2 kernels for `ty`, when the CPU has AVX2, FMA and F16C.
 pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
@@ -199,7 +204,7 @@ unsafe fn f16_to_f32(bits: u16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-// ---- per-type decoders: `d` (the block's super-scale) and `chunk` (sub-block ib < 8) ----------
+// ---- per-type decoders: `prep_*` (once per block) and `chunk_*` (sub-block ib < 8) -------------
 
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -515,6 +520,7 @@ unsafe fn chunk_iq1_s(_: &[u8], p: &PrepIq1S, ib: usize) -> Chunk {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn extra_iq1_s(p: &PrepIq1S, a: *const u8) -> __m256i {
+    // SAFETY (caller): `a` starts a whole Q8_K block, so its 32 bytes of bsums are readable.
     let bsums = _mm256_loadu_si256(a.add(Q8K_BSUMS) as *const __m256i);
     _mm256_madd_epi16(bsums, p.deltas)
 }
