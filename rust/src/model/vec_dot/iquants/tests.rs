@@ -335,7 +335,8 @@ fn matches_llama_cpp() {
     }
 }
 
-/// Timing, not a check: `cargo test --release --lib iquants::tests::speed -- --ignored --nocapture`.
+/// Timing, not a check: `cargo test --release --lib iquants::tests::speed -- --ignored --nocapture`
+/// (REPS=n to change the repetitions).
 /// ns per 256-value block and activation row, for the 1-row and the 4-row kernels, on 256 rows of
 /// 4096 random-byte blocks (weights L2-resident, as in a matmul tile).
 #[test]
