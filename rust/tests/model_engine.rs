@@ -163,7 +163,7 @@ fn write(path: &Path, meta: &[(String, Value)], tensors: &Tensors, ty: GgmlType)
 
 fn logits(path: &Path, tokens: &[u32], kv: KvType) -> Vec<f32> {
     let m = Model::open(path).unwrap();
-    let mut s = m.new_state(64, kv);
+    let mut s = m.new_state(64, kv, kv).unwrap();
     m.eval(&mut s, tokens, true).unwrap()
 }
 
@@ -208,7 +208,7 @@ fn batched_chunked_and_incremental_evaluation_agree() {
             ty,
         );
         let m = Model::open(&p).unwrap();
-        let mut s = m.new_state(32, KvType::F32);
+        let mut s = m.new_state(32, KvType::F32, KvType::F32).unwrap();
         let batched = m.eval(&mut s, &TOKENS, true).unwrap();
         s.reset();
         let mut one_by_one = vec![];
@@ -226,7 +226,7 @@ fn batched_chunked_and_incremental_evaluation_agree() {
         if ty == GgmlType::Q8_0 {
             continue;
         }
-        let mut s16 = m.new_state(32, KvType::F16);
+        let mut s16 = m.new_state(32, KvType::F16, KvType::F16).unwrap();
         let half = m.eval(&mut s16, &TOKENS, true).unwrap();
         assert!(
             max_rel_diff(&half, &batched) < 2e-3,
@@ -308,7 +308,7 @@ fn errors_name_the_key_or_tensor() {
         GgmlType::F32,
     );
     let m = Model::open(&p).unwrap();
-    let mut s = m.new_state(4, KvType::F32);
+    let mut s = m.new_state(4, KvType::F32, KvType::F32).unwrap();
     let e = m
         .eval(&mut s, &[VOCAB as u32], true)
         .unwrap_err()

@@ -131,7 +131,7 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
                     let r0 = b * block;
                     let rows = &w.data[r0 * row_bytes..(r0 + out.len() / n_tok) * row_bytes];
                     let wrows: Vec<&[u8]> = rows.chunks_exact(row_bytes).collect();
-                    quantized_block(&wrows, &xqs, out, k.vec_dot, k.vec_dot_x4);
+                    quantized_block(&wrows, &xqs, out, &k);
                 });
         }
         RowKernel::F32InPlace => {
@@ -215,27 +215,33 @@ fn f32_block(wrows: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
     }
 }
 
-/// The quantized counterpart: four tokens at a time meet each weight row, the rest one by one.
-fn quantized_block(
-    wrows: &[&[u8]],
-    xs: &[&[u8]],
-    out: &mut [f32],
-    vec_dot: fn(&[u8], &[u8]) -> f32,
-    vec_dot_x4: fn(&[u8], [&[u8]; 4]) -> [f32; 4],
-) {
+/// The quantized counterpart: four tokens at a time meet each weight row, the rest one by one
+/// (four rows at a time where the type has such a kernel). Every result is bit-identical to
+/// `vec_dot` of its row and token.
+fn quantized_block(wrows: &[&[u8]], xs: &[&[u8]], out: &mut [f32], k: &vec_dot::DotKernels) {
     let n_tok = xs.len();
     let mut t = 0;
     while t + 4 <= n_tok {
         let quad = [xs[t], xs[t + 1], xs[t + 2], xs[t + 3]];
         for (i, wr) in wrows.iter().enumerate() {
-            let v = vec_dot_x4(wr, quad);
+            let v = (k.vec_dot_x4)(wr, quad);
             out[i * n_tok + t..i * n_tok + t + 4].copy_from_slice(&v);
         }
         t += 4;
     }
     for (t, xt) in xs.iter().enumerate().skip(t) {
-        for (i, wr) in wrows.iter().enumerate() {
-            out[i * n_tok + t] = vec_dot(wr, xt);
+        let mut i = 0;
+        if let Some(rows4) = k.vec_dot_4rows {
+            while i + 4 <= wrows.len() {
+                let v = rows4([wrows[i], wrows[i + 1], wrows[i + 2], wrows[i + 3]], xt);
+                for (j, vj) in v.into_iter().enumerate() {
+                    out[(i + j) * n_tok + t] = vj;
+                }
+                i += 4;
+            }
+        }
+        for (i, wr) in wrows.iter().enumerate().skip(i) {
+            out[i * n_tok + t] = (k.vec_dot)(wr, xt);
         }
     }
 }

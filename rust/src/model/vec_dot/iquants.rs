@@ -74,6 +74,7 @@ fn scalar<B: IqBlock>() -> DotKernels {
         quantize_act: super::quantize_act_q8_k,
         vec_dot: vec_dot_scalar::<B>,
         vec_dot_x4: vec_dot_x4_scalar::<B>,
+        vec_dot_4rows: None,
     }
 }
 

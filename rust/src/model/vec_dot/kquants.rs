@@ -50,6 +50,7 @@ fn dot_kernels(
         quantize_act: quantize_act_q8_k,
         vec_dot,
         vec_dot_x4,
+        vec_dot_4rows: None,
     }
 }
 

@@ -13,6 +13,9 @@ use crate::types::GgmlType;
 mod iquants;
 mod kquants;
 
+/// Four weight rows against one quantized activation row.
+pub type Rows4Fn = fn([&[u8]; 4], &[u8]) -> [f32; 4];
+
 /// The integer dot kernels of one weight type, as ggml pairs a type with its `vec_dot_type`.
 #[derive(Clone, Copy)]
 pub struct DotKernels {
@@ -23,6 +26,9 @@ pub struct DotKernels {
     pub vec_dot: fn(&[u8], &[u8]) -> f32,
     /// One weight row against four activation rows (weight blocks decoded once).
     pub vec_dot_x4: fn(&[u8], [&[u8]; 4]) -> [f32; 4],
+    /// Four weight rows against one activation row, each bit-identical to `vec_dot` (for
+    /// generation, where there is one token); None: `vec_dot` row by row.
+    pub vec_dot_4rows: Option<Rows4Fn>,
 }
 
 impl DotKernels {
@@ -41,6 +47,7 @@ pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
             quantize_act: quantize_act_q8_0,
             vec_dot: vec_dot_q8_0,
             vec_dot_x4: vec_dot_q8_0_x4,
+            vec_dot_4rows: q8_0_4rows(),
         });
     }
     if let Some((act_bytes, quantize_act, vec_dot, vec_dot_x4)) = legacy_kernels(ty) {
@@ -54,9 +61,22 @@ pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
             quantize_act,
             vec_dot,
             vec_dot_x4,
+            vec_dot_4rows: None,
         });
     }
     kquants::kernels(ty).or_else(|| iquants::kernels(ty))
+}
+
+fn q8_0_4rows() -> Option<Rows4Fn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = cpu::features();
+        if f.avx2 && f.fma && f.f16c {
+            // SAFETY: AVX2, FMA and F16C are present (checked just above).
+            return Some(|w, a| unsafe { avx2::vec_dot_q8_0_4rows(w, a) });
+        }
+    }
+    None
 }
 
 /// Activations to Q8_K as ggml's x86 `quantize_row_q8_K` (its reference: d = max/-127 with the
@@ -71,6 +91,19 @@ const BLOCK: usize = 34;
 /// Activations to Q8_0 the way ggml's CPU `quantize_row_q8_0` does on x86: d = amax/127 stored as
 /// f16, q = round-half-even(x · 127/amax).
 pub fn quantize_act_q8_0(x: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = cpu::features();
+        if f.avx2 && f.f16c {
+            // SAFETY: AVX2 and F16C are present (checked just above).
+            return unsafe { avx2::quantize_act_q8(x, out, false) };
+        }
+    }
+    quantize_act_q8_0_scalar(x, out)
+}
+
+/// The portable steps (the spec the AVX2 version reproduces).
+pub fn quantize_act_q8_0_scalar(x: &[f32], out: &mut [u8]) {
     for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(BLOCK)) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -133,6 +166,80 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::BLOCK;
+
+    /// Q8_0 (or, with `with_sum`, Q8_1) activation blocks: the portable quantizers' exact steps
+    /// (amax, d = amax/127, round-half-even of x·127/amax) eight lanes at a time.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn quantize_act_q8(x: &[f32], out: &mut [u8], with_sum: bool) {
+        let bytes = if with_sum { 36 } else { 34 };
+        let off = bytes - 32;
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for (xb, ob) in x.chunks_exact(32).zip(out.chunks_exact_mut(bytes)) {
+            let p = xb.as_ptr();
+            let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+            );
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+            let d = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let idv = _mm256_set1_ps(id);
+            let q = v.map(|vi| {
+                _mm256_cvtps_epi32(_mm256_round_ps(
+                    _mm256_mul_ps(vi, idv),
+                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+                ))
+            });
+            // int32 -> int8 with the lane order restored after the in-lane packs
+            let q01 = _mm256_packs_epi32(q[0], q[1]);
+            let q23 = _mm256_packs_epi32(q[2], q[3]);
+            let q8 = _mm256_packs_epi16(q01, q23);
+            let q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(ob.as_mut_ptr().add(off) as *mut __m256i, q8);
+            let dh =
+                _mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(d), _MM_FROUND_TO_NEAREST_INT), 0) as u16;
+            ob[..2].copy_from_slice(&dh.to_le_bytes());
+            if with_sum {
+                let s16 = _mm256_madd_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_set1_epi16(1));
+                let s16b = _mm256_madd_epi16(_mm256_packs_epi32(q[2], q[3]), _mm256_set1_epi16(1));
+                let s = _mm256_add_epi32(s16, s16b);
+                let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+                let sum =
+                    _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
+                let sh = half::f16::from_f32(d * sum as f32).to_bits();
+                ob[2..4].copy_from_slice(&sh.to_le_bytes());
+            }
+        }
+    }
+
+    /// Four Q8_0 weight rows against one activation row; each row's sum runs in exactly the order
+    /// of `vec_dot_q8_0` (bit-identical), four independent chains for the out-of-order core.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn vec_dot_q8_0_4rows(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        let n = a.len() / BLOCK;
+        debug_assert!(w.iter().all(|wi| wi.len() >= n * BLOCK));
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..n {
+            let ab = a.as_ptr().add(b * BLOCK);
+            let da = f16_scale(ab);
+            let qa = _mm256_loadu_si256(ab.add(2) as *const __m256i);
+            for r in 0..4 {
+                let wb = w[r].as_ptr().add(b * BLOCK);
+                let qw = _mm256_loadu_si256(wb.add(2) as *const __m256i);
+                let pairs =
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qa, qw));
+                let quads = _mm256_madd_epi16(pairs, ones);
+                let d = _mm256_set1_ps(f16_scale(wb) * da);
+                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(quads), acc[r]);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn vec_dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
@@ -403,6 +510,19 @@ const Q8_1_BLOCK: usize = 36;
 
 /// Activations to Q8_1 as ggml's x86 `quantize_row_q8_1`: Q8_0's rounding, plus s = d·Σq (f16).
 pub fn quantize_act_q8_1(x: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = cpu::features();
+        if f.avx2 && f.f16c {
+            // SAFETY: AVX2 and F16C are present (checked just above).
+            return unsafe { avx2::quantize_act_q8(x, out, true) };
+        }
+    }
+    quantize_act_q8_1_scalar(x, out)
+}
+
+/// The portable steps (the spec the AVX2 version reproduces).
+pub fn quantize_act_q8_1_scalar(x: &[f32], out: &mut [u8]) {
     for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q8_1_BLOCK)) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -853,6 +973,45 @@ pub(crate) mod llamacpp_vectors {
 #[cfg(test)]
 mod llamacpp_tests {
     use super::*;
+
+    #[test]
+    fn fast_activation_quantizers_and_four_row_dot_equal_the_portable_ones() {
+        use crate::quant::testdata;
+        let n = 32 * 40;
+        let mut x = testdata::heavy_tailed(31, n);
+        x[..32].fill(0.0); // an all-zero block
+        x[32..64].fill(-3.5); // a constant block
+        for (i, v) in x[64..96].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5 / 127.0 * 3.0; // values landing on .5 after scaling
+        }
+        x[100] = 1e30;
+        x[200] = 1e-30;
+        for (fast, portable, bytes) in [
+            (
+                quantize_act_q8_0 as fn(&[f32], &mut [u8]),
+                quantize_act_q8_0_scalar as fn(&[f32], &mut [u8]),
+                34,
+            ),
+            (quantize_act_q8_1, quantize_act_q8_1_scalar, 36),
+        ] {
+            let (mut a, mut b) = (vec![0u8; n / 32 * bytes], vec![0u8; n / 32 * bytes]);
+            fast(&x, &mut a);
+            portable(&x, &mut b);
+            assert_eq!(a, b, "{bytes}-byte activation blocks");
+        }
+        let k = kernels(GgmlType::Q8_0).unwrap();
+        let w = testdata::heavy_tailed(32, 6 * n);
+        let wq = crate::quant::quantize("w", &w, n, GgmlType::Q8_0, None).unwrap();
+        let rows: Vec<&[u8]> = wq.chunks_exact(wq.len() / 6).collect();
+        let mut a = vec![0u8; n / 32 * 34];
+        quantize_act_q8_0(&x, &mut a);
+        if let Some(rows4) = k.vec_dot_4rows {
+            let got = rows4([rows[0], rows[1], rows[2], rows[5]], &a);
+            for (g, r) in got.iter().zip([0, 1, 2, 5]) {
+                assert_eq!(g.to_bits(), (k.vec_dot)(rows[r], &a).to_bits());
+            }
+        }
+    }
 
     #[test]
     fn legacy_kernels_match_llama_cpp_dot_products() {

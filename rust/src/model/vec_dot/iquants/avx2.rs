@@ -74,6 +74,7 @@ pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
         quantize_act: super::super::quantize_act_q8_k,
         vec_dot,
         vec_dot_x4,
+        vec_dot_4rows: None,
     })
 }
 
