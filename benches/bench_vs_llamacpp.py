@@ -17,7 +17,10 @@ import json
 import os
 import time
 
-import numpy as np
+# numpy's OpenBLAS threads would otherwise spin beside the engines on a small machine
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 
 def active_weight_bytes(path: str) -> int:

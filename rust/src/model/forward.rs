@@ -587,17 +587,40 @@ fn dot_kq_scalar(q: &[f32], k: &[f32]) -> f32 {
 /// FMA lane j mod 8, and the 8 lanes are added pairwise at the end.
 fn weighted_values<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::quant::cpu::features().fma {
-        // SAFETY: FMA is present (checked just above); the body is plain Rust.
+    if crate::quant::cpu::features().avx2 && crate::quant::cpu::features().fma {
+        // SAFETY: AVX2 and FMA are present (checked just above).
         return unsafe { weighted_values_fma(p, v, o) };
     }
     weighted_values_body(p, v, o)
 }
 
+/// `weighted_values_body` with each lane's accumulators in AVX registers (the same FMAs).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn weighted_values_fma<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32], o: &mut [f32]) {
-    weighted_values_body(p, v, o)
+    use std::arch::x86_64::*;
+    let hv = o.len();
+    if hv % 8 != 0 {
+        return weighted_values_body(p, v, o);
+    }
+    let mut lanes = vec![0f32; 8 * hv];
+    let base = lanes.as_mut_ptr();
+    for (j, &pj) in p.iter().enumerate() {
+        let acc = base.add((j % 8) * hv);
+        let vj = v(j).as_ptr();
+        let pv = _mm256_set1_ps(pj);
+        for d in (0..hv).step_by(8) {
+            let a = _mm256_loadu_ps(acc.add(d));
+            _mm256_storeu_ps(
+                acc.add(d),
+                _mm256_fmadd_ps(pv, _mm256_loadu_ps(vj.add(d)), a),
+            );
+        }
+    }
+    for (d, od) in o.iter_mut().enumerate() {
+        let l: [f32; 8] = std::array::from_fn(|i| lanes[i * hv + d]);
+        *od = ops::reduce8(&l);
+    }
 }
 
 #[inline(always)]
@@ -619,6 +642,16 @@ fn weighted_values_body<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32], o: &mut [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weighted_values_avx2_equals_portable() {
+        let p = crate::quant::testdata::heavy_tailed(43, 37);
+        let vals = crate::quant::testdata::heavy_tailed(44, 37 * 64);
+        let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
+        weighted_values(&p, |j| &vals[j * 64..(j + 1) * 64], &mut a);
+        weighted_values_body(&p, |j| &vals[j * 64..(j + 1) * 64], &mut b);
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
 
     #[test]
     fn kq_dot_avx2_equals_scalar() {
