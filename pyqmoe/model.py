@@ -73,6 +73,14 @@ class Model:
         self._tokens += toks
         return out
 
+    def score(self, tokens: Sequence[int], first: int = 0) -> np.ndarray:
+        """Runs ``tokens`` after the cached ones (appending them) and returns float64 negative
+        log-likelihoods of ``tokens[first + 1:]``, each given everything before it."""
+        toks = [int(t) for t in tokens]
+        out = self._engine.score(toks, int(first))
+        self._tokens += toks
+        return out
+
     def reset(self) -> None:
         """Empties the KV cache."""
         self._engine.reset()

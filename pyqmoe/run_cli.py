@@ -188,3 +188,61 @@ def imatrix(model_path, text_file, output, chunks, ctx, threads):
         raise click.ClickException(f"-o/--output: {e}") from None
     fmt = "legacy .dat" if legacy else "GGUF"
     click.echo(f"wrote {output} ({fmt}, {n_chunk} chunks of {ctx} tokens)", err=True)
+
+
+@click.command()
+@_model_option
+@click.option("-f", "--file", "text_file", required=True, type=click.Path(dir_okay=False), help="Text to score.")
+@click.option("-c", "--ctx-size", "ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", type=int, default=None, help="Score at most this many chunks (default: all).")
+@_threads_option
+@_kv_options
+def perplexity(model_path, text_file, ctx, chunks, threads, kv_type, kv_type_v):
+    """Perplexity of the model over a text, as llama.cpp's llama-perplexity computes it.
+
+    The text is cut into --ctx-size-token chunks, each evaluated from an empty KV cache (the first
+    token replaced by BOS where the model adds one); the second half of each chunk is scored.
+    Prints the running estimate per chunk and the final PPL with its standard error.
+    """
+    import math
+
+    import numpy as np
+
+    from .gguf_file import GGUFFile
+    from .model import Model
+    from .models import default_model_path
+
+    path = Path(model_path) if model_path else default_model_path()
+    if chunks is not None and chunks < 1:
+        raise click.ClickException(f"--chunks must be at least 1, not {chunks}")
+    if not Path(text_file).is_file():
+        raise click.ClickException(f"-f/--file: {text_file} is not a readable file")
+    meta = GGUFFile(path).metadata
+    n_train = meta.get(f"{meta.get('general.architecture')}.context_length")
+    if ctx < 4 or (n_train and ctx > n_train):
+        raise click.ClickException(f"--ctx-size must be between 4 and the model's context {n_train}, not {ctx}")
+    m = Model(path, threads=threads, n_ctx=ctx, kv_type=kv_type, kv_type_v=kv_type_v)
+    with open(text_file, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    tokens = m.tokenize(text, special=False)
+    if len(tokens) < 2 * ctx:
+        raise click.ClickException(f"-f/--file: {text_file} has {len(tokens)} tokens; --ctx-size {ctx} needs {2 * ctx}")
+    n_chunk = len(tokens) // ctx if chunks is None else min(chunks, len(tokens) // ctx)
+    bos = m.tokenizer.bos_id if m.tokenizer.add_bos else None
+    first = ctx // 2
+    nll: list[np.ndarray] = []
+    click.echo(f"perplexity: {n_chunk} chunks of {ctx} tokens, scoring the last {ctx - first - 1} of each", err=True)
+    for i in range(n_chunk):
+        chunk = tokens[i * ctx : (i + 1) * ctx]
+        if bos is not None:
+            chunk = [bos] + chunk[1:]
+        m.reset()
+        nll.append(m.score(chunk, first))
+        click.echo(f"[{i + 1}]{math.exp(np.concatenate(nll).mean()):.4f},", nl=False)
+        sys.stdout.flush()
+    all_nll = np.concatenate(nll)
+    mean = float(all_nll.mean())
+    ppl = math.exp(mean)
+    var = float((all_nll**2).mean()) - mean * mean
+    err = ppl * math.sqrt(var / (all_nll.size - 1)) if var > 0 and all_nll.size > 1 else 0.0
+    click.echo(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f}")

@@ -74,3 +74,45 @@ def test_greedy_generation_equals_llamacpp_at_q8_0(vectors, quantized):
             got.append(t)
             logits = m.eval([t], all_logits=False)
         assert got == want.tolist()
+
+
+@pytest.mark.parametrize("preset", ["Q8_0", "Q4_K_M"])
+def test_perplexity_scores_equal_llamacpp(vectors, quantized, preset):
+    """llama-perplexity's scoring (the second half of each 512-token window) against llama.cpp's
+    own log-likelihoods of the same windows on the same file."""
+    m = pyqmoe.Model(quantized(preset), n_ctx=512)
+    windows = vectors["heldout/tokens"]
+    got = []
+    for w in windows:
+        m.reset()
+        got.append(m.score(w.tolist(), first=len(w) // 2).sum())
+    want = vectors[f"{preset}/nll"]
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+    n_scored = windows.shape[0] * (windows.shape[1] // 2 - 1)
+    ppl, ppl_llama = np.exp(np.sum(got) / n_scored), np.exp(np.sum(want) / n_scored)
+    assert abs(ppl / ppl_llama - 1) < 1e-3, (ppl, ppl_llama)
+
+
+def test_perplexity_cli(tmp_path, data_dir):
+    import subprocess
+    import sys
+
+    text = tmp_path / "text.txt"
+    text.write_text((data_dir / "tiny-corpus.txt").read_text() * 4)
+    tiny = str(data_dir / "tiny-qwen3moe-f32.gguf")
+    run = [sys.executable, "-m", "pyqmoe.cli", "perplexity", "-m", tiny, "-f", str(text), "-c", "32", "--chunks", "3"]
+    p = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("[1]") and "[3]" in p.stdout and "Final estimate: PPL = " in p.stdout
+    ppl = float(p.stdout.split("PPL = ")[1].split()[0])
+    m = pyqmoe.Model(tiny, n_ctx=32)
+    ids = m.tokenize(text.read_text(), special=False)
+    nll = []
+    for i in range(3):
+        m.reset()
+        nll.append(m.score(ids[i * 32 : (i + 1) * 32], first=16))
+    assert abs(ppl - float(np.exp(np.concatenate(nll).mean()))) < 1e-3 * ppl
+    short = tmp_path / "short.txt"
+    short.write_text("a b c")
+    p = subprocess.run(run[:7] + [str(short), "-c", "32"], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode != 0 and "needs 64" in p.stderr

@@ -11,7 +11,8 @@ Writes ``tests/data/reference-model-vectors.npz``:
   ``tests/data/reference-imatrix.dat``), made by ``pyqmoe quantize`` from the bundled BF16 model:
   ``<q>/top1`` int32 [W, 512] llama.cpp's arg-max next token at every position (each window from an
   empty cache), ``<q>/margin`` f32 [W, 512] its gap between the best and second-best logit, and
-  ``<q>/sha256`` of the file llama.cpp ran on.
+  ``<q>/sha256`` of the file llama.cpp ran on, and ``<q>/nll`` f64 [W]: llama.cpp's summed negative
+  log-likelihood of the last 255 tokens of each window given the rest (llama-perplexity's scoring).
 * ``greedy/prompts`` int32 [P, 16] and ``greedy/Q8_0`` int32 [P, 64]: llama.cpp's greedy
   continuation (arg-max each step) of each prompt on the Q8_0 file.
 
@@ -83,9 +84,11 @@ def llama(path: Path):
     )
 
 
-def top1(llm, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def top1(llm, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     best = np.zeros(windows.shape, np.int32)
     margin = np.zeros(windows.shape, np.float32)
+    nll = np.zeros(len(windows), np.float64)
+    first = CTX // 2
     for i, w in enumerate(windows):
         llm.reset()
         llm.eval(w.tolist())
@@ -93,7 +96,11 @@ def top1(llm, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         two = np.partition(s, -2, axis=1)[:, -2:]
         best[i] = s.argmax(1)
         margin[i] = two[:, 1] - two[:, 0]
-    return best, margin
+        rows = s[first:-1].astype(np.float64)
+        mx = rows.max(1, keepdims=True)
+        logz = mx[:, 0] + np.log(np.exp(rows - mx).sum(1))
+        nll[i] = float((logz - rows[np.arange(len(rows)), w[first + 1 :]]).sum())
+    return best, margin, nll
 
 
 def greedy(llm, prompts: np.ndarray) -> np.ndarray:
@@ -129,7 +136,7 @@ def main() -> int:
             _core.quantize_model(str(MODEL), str(q), preset, imatrix=str(imatrix) if imatrix else None)
             out[f"{preset}/sha256"] = np.array(hashlib.sha256(q.read_bytes()).hexdigest())
             llm = llama(q)
-            out[f"{preset}/top1"], out[f"{preset}/margin"] = top1(llm, windows)
+            out[f"{preset}/top1"], out[f"{preset}/margin"], out[f"{preset}/nll"] = top1(llm, windows)
             if preset == "Q8_0":
                 out["greedy/Q8_0"] = greedy(llm, prompts)
             del llm

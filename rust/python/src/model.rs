@@ -192,6 +192,31 @@ impl Engine {
         PyArray1::from_vec(py, logits).reshape([rows, vocab])
     }
 
+    /// Evaluates `tokens` (after the cached ones) and returns the negative log-likelihood of each
+    /// of `tokens[first + 1..]` given what precedes it (logits stay in Rust).
+    #[pyo3(signature = (tokens, first=0))]
+    fn score<'py>(
+        &mut self,
+        py: Python<'py>,
+        tokens: Vec<u32>,
+        first: usize,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        if first + 1 >= tokens.len() {
+            return Err(PyValueError::new_err(format!(
+                "score needs first + 1 < len(tokens), got first={first} with {} tokens",
+                tokens.len()
+            )));
+        }
+        let logits = self
+            .run(py, |m, s| m.eval(s, &tokens, true))
+            .map_err(to_py)?;
+        let vocab = self.model.config.n_vocab;
+        let rows = &logits[first * vocab..(tokens.len() - 1) * vocab];
+        let nll =
+            py.detach(|| pyqmoe_core::model::sampling::nll(rows, vocab, &tokens[first + 1..]));
+        Ok(PyArray1::from_vec(py, nll))
+    }
+
     /// Evaluates `tokens` and samples the next token from the last one's logits (no array copy).
     #[pyo3(signature = (tokens, sampler, history=vec![]))]
     fn eval_and_sample(

@@ -204,3 +204,37 @@ mod tests {
         }
     }
 }
+
+/// Negative log-likelihood (natural log, in f64) of `targets[i]` under logits row i of
+/// `[targets.len()][n_vocab]` (perplexity: exp of the mean).
+pub fn nll(logits: &[f32], n_vocab: usize, targets: &[u32]) -> Vec<f64> {
+    assert_eq!(
+        logits.len(),
+        targets.len() * n_vocab,
+        "one logits row per target"
+    );
+    logits
+        .chunks_exact(n_vocab)
+        .zip(targets)
+        .map(|(row, &t)| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            max + sum.ln() - row[t as usize] as f64
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod nll_tests {
+    #[test]
+    fn nll_of_uniform_and_peaked_rows() {
+        let uniform = [0.5f32; 4];
+        let v = super::nll(&uniform, 4, &[2]);
+        assert!((v[0] - 4f64.ln()).abs() < 1e-12);
+        let peaked = [0.0f32, 100.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0];
+        let v = super::nll(&peaked, 4, &[1, 0]);
+        assert!(v[0] < 1e-40 + 3.0 * (-100f64).exp());
+        let z: f64 = (1..=4).map(|i| (i as f64).exp()).sum();
+        assert!((v[1] - (z.ln() - 1.0)).abs() < 1e-12);
+    }
+}
