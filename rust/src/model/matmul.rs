@@ -145,6 +145,30 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
                     f32_block(&wrows, &xs, out);
                 });
         }
+        RowKernel::ToF32(_) if w.ty == GgmlType::BF16 && n_tok <= 2 && bf16_direct_available() => {
+            // generation: BF16 rows dotted in place (no f32 copy), same sums as the tiles
+            yt.par_chunks_mut(block * n_tok)
+                .enumerate()
+                .for_each(|(b, out)| {
+                    let r0 = b * block;
+                    let n = out.len() / n_tok;
+                    let src = &w.data[r0 * row_bytes..(r0 + n) * row_bytes];
+                    let rows: Vec<&[u8]> = src.chunks_exact(row_bytes).collect();
+                    for (t, xt) in xs.iter().enumerate() {
+                        let mut i = 0;
+                        while i < n {
+                            let take = (n - i).min(4);
+                            let mut quad = [rows[i]; 4];
+                            quad[..take].copy_from_slice(&rows[i..i + take]);
+                            let v = bf16_dot_rows4(quad, xt);
+                            for (j, vj) in v.iter().take(take).enumerate() {
+                                out[(i + j) * n_tok + t] = *vj;
+                            }
+                            i += take;
+                        }
+                    }
+                });
+        }
         RowKernel::ToF32(dequantize) => {
             yt.par_chunks_mut(block * n_tok)
                 .enumerate()
@@ -252,6 +276,30 @@ fn quantized_block(wrows: &[&[u8]], xs: &[&[u8]], out: &mut [f32], k: &vec_dot::
     }
 }
 
+fn bf16_direct_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = cpu::features();
+        f.avx2 && f.fma
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Four BF16 rows (raw little-endian bytes) against one f32 row, each summed exactly as `tile`
+/// sums the row converted to f32 (bit-identical). Callers check `bf16_direct_available`.
+fn bf16_dot_rows4(w: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+    let n = x.len();
+    assert!(w.iter().all(|r| r.len() >= 2 * n));
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: AVX2 and FMA are present (bf16_direct_available); rows hold n values.
+        unsafe { avx2::bf16_dot_rows4(w.map(|r| r.as_ptr()), x.as_ptr(), n) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16_direct_available is false off x86_64")
+}
+
 /// R×T dot products of equal-length rows.
 #[inline]
 pub fn tile<const R: usize, const T: usize>(w: [&[f32]; R], x: [&[f32]; T]) -> [[f32; T]; R] {
@@ -306,6 +354,35 @@ mod avx2 {
         let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
         _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
+    }
+
+    /// Four BF16 rows · one f32 row: `tile::<4, 1>` on the rows widened to f32, without the copy.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn bf16_dot_rows4(w: [*const u8; 4], x: *const f32, n: usize) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 8 <= n {
+            let xv = _mm256_loadu_ps(x.add(i));
+            for r in 0..4 {
+                let p = w[r].add(2 * i);
+                // four row streams outrun the hardware prefetcher; a prefetch cannot fault
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(512) as *const i8);
+                let h = _mm_loadu_si128(p as *const __m128i);
+                let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                acc[r] = _mm256_fmadd_ps(wv, xv, acc[r]);
+            }
+            i += 8;
+        }
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            let mut s = hsum(acc[r]);
+            for j in i..n {
+                let b = u16::from_le_bytes([*w[r].add(2 * j), *w[r].add(2 * j + 1)]);
+                s += f32::from_bits((b as u32) << 16) * *x.add(j);
+            }
+            out[r] = s;
+        }
+        out
     }
 
     /// BF16 row to f32: bf16 is the top half of an f32, so widen and shift, 8 at a time.
@@ -448,6 +525,29 @@ mod tests {
                     assert!((a - b).abs() <= tol * scale, "{ty}: {a} vs {b}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn bf16_generation_path_equals_the_converted_tiles() {
+        let (n_rows, n_cols) = (13, 77);
+        let w = testdata::heavy_tailed(7, n_rows * n_cols);
+        let raw = quant::quantize("w", &w, n_cols, GgmlType::BF16, None).unwrap();
+        let x = testdata::heavy_tailed(8, 3 * n_cols);
+        let m = Mat {
+            name: "w",
+            data: &raw,
+            ty: GgmlType::BF16,
+            n_cols,
+            n_rows,
+        };
+        // 3 tokens take the converted-tile path, 1 or 2 the direct one: same bits per token
+        let mut y3 = vec![0f32; 3 * n_rows];
+        matmul(&m, &x, 3, &mut y3);
+        for n_tok in [1, 2] {
+            let mut y = vec![0f32; n_tok * n_rows];
+            matmul(&m, &x[..n_tok * n_cols], n_tok, &mut y);
+            assert!(y.iter().zip(&y3).all(|(a, b)| a.to_bits() == b.to_bits()), "n_tok={n_tok}");
         }
     }
 
