@@ -86,7 +86,7 @@ fn avx2_kernels(ty: GgmlType) -> Option<DotKernels> {
         GgmlType::Q3_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q3_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q3_k::<4>(w, a) },
-            Some(|w, a| unsafe { avx2::rows4_q3_k(w, a) }),
+            None,
         ),
         GgmlType::Q4_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q4_k::<1>(w, [a])[0] },
@@ -101,7 +101,7 @@ fn avx2_kernels(ty: GgmlType) -> Option<DotKernels> {
         GgmlType::Q6_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q6_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q6_k::<4>(w, a) },
-            Some(|w, a| unsafe { avx2::rows4_q6_k(w, a) }),
+            None,
         ),
         _ => return None,
     })
@@ -744,13 +744,25 @@ mod avx2 {
                     for c in 0..8 {
                         let qa = load(ab.add(ACT_QS + 32 * c));
                         let (q, sc) = $chunk(&s0, c);
-                        t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)));
+                        t0 = _mm256_add_epi32(
+                            t0,
+                            _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)),
+                        );
                         let (q, sc) = $chunk(&s1, c);
-                        t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)));
+                        t1 = _mm256_add_epi32(
+                            t1,
+                            _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)),
+                        );
                         let (q, sc) = $chunk(&s2, c);
-                        t2 = _mm256_add_epi32(t2, _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)));
+                        t2 = _mm256_add_epi32(
+                            t2,
+                            _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)),
+                        );
                         let (q, sc) = $chunk(&s3, c);
-                        t3 = _mm256_add_epi32(t3, _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)));
+                        t3 = _mm256_add_epi32(
+                            t3,
+                            _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)),
+                        );
                     }
                     let bs = load(ab.add(ACT_BSUMS));
                     let m = [
@@ -776,7 +788,8 @@ mod avx2 {
                     if $mins {
                         let mi = reduce4(m);
                         let dm = _mm_mul_ps(da, _mm_setr_ps(c0.dmin, c1.dmin, c2.dmin, c3.dmin));
-                        acc = _mm_add_ps(acc, _mm_sub_ps(main, _mm_mul_ps(dm, _mm_cvtepi32_ps(mi))));
+                        acc =
+                            _mm_add_ps(acc, _mm_sub_ps(main, _mm_mul_ps(dm, _mm_cvtepi32_ps(mi))));
                     } else {
                         acc = _mm_add_ps(acc, main);
                     }
@@ -788,11 +801,77 @@ mod avx2 {
         };
     }
 
-    kdot_rows4!(rows4_q2_k, 84, prep_q2, chunk_q2, true, 0);
-    kdot_rows4!(rows4_q3_k, 110, prep_q3, chunk_q3, false, 2);
+    /// Like `kdot_rows4`, but row after row inside each block (each row's decode state held
+    /// only during its own 8 chunks; the activation chunks are re-read from L1): for the types
+    /// whose per-block state is too large to keep four rows of it in registers.
+    macro_rules! kdot_rows4_rm {
+        ($name:ident, $bytes:expr, $prep:ident, $chunk:ident, $mins:expr, $off_shift:expr) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+                let n = w[0].len() / $bytes;
+                for wr in &w {
+                    assert_eq!(wr.len() / $bytes, n, "weight rows of unequal length");
+                }
+                assert!(a.len() >= n * ACT_BYTES, "activation row too short");
+                let zero = _mm256_setzero_si256();
+                let mut acc = _mm_setzero_ps();
+                for blk in 0..n {
+                    // SAFETY: block `blk` < n lies inside every weight row and the activation
+                    // row (asserted above).
+                    let ab = a.as_ptr().add(blk * ACT_BYTES);
+                    let bs = load(ab.add(ACT_BSUMS));
+                    let mut t = [zero; 4];
+                    let mut m = [zero; 4];
+                    let mut d = [0f32; 4];
+                    let mut dmin = [0f32; 4];
+                    for r in 0..4 {
+                        let (st, common) = $prep(w[r].as_ptr().add(blk * $bytes));
+                        let mut sum = zero;
+                        for c in 0..8 {
+                            let qa = load(ab.add(ACT_QS + 32 * c));
+                            let (q, sc) = $chunk(&st, c);
+                            sum = _mm256_add_epi32(
+                                sum,
+                                _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)),
+                            );
+                        }
+                        let mr = _mm256_madd_epi16(common.bsum_w, bs);
+                        if $mins {
+                            m[r] = mr;
+                            t[r] = sum;
+                        } else {
+                            t[r] = _mm256_sub_epi32(sum, _mm256_slli_epi32::<{ $off_shift }>(mr));
+                        }
+                        d[r] = common.d;
+                        dmin[r] = common.dmin;
+                    }
+                    let s = reduce4(t);
+                    let da = _mm_set1_ps(f32::from_le_bytes(*(ab as *const [u8; 4])));
+                    // block_float's operations, lane r for row r (kdot's order: da·d first)
+                    let main =
+                        _mm_mul_ps(_mm_mul_ps(da, _mm_loadu_ps(d.as_ptr())), _mm_cvtepi32_ps(s));
+                    if $mins {
+                        let mi = reduce4(m);
+                        let dm = _mm_mul_ps(da, _mm_loadu_ps(dmin.as_ptr()));
+                        acc =
+                            _mm_add_ps(acc, _mm_sub_ps(main, _mm_mul_ps(dm, _mm_cvtepi32_ps(mi))));
+                    } else {
+                        acc = _mm_add_ps(acc, main);
+                    }
+                }
+                let mut out = [0f32; 4];
+                _mm_storeu_ps(out.as_mut_ptr(), acc);
+                out
+            }
+        };
+    }
+
+    // Measured (see the speed test): chunk by chunk pays off for Q4_K, whose per-row state is
+    // small; row by row for Q2_K and Q5_K. Q3_K and Q6_K gained nothing either way (their decode,
+    // done per row anyway, dominates), so they have no 4-row kernel.
     kdot_rows4!(rows4_q4_k, 144, prep_q4, chunk_q4, true, 0);
-    kdot_rows4!(rows4_q5_k, 176, prep_q5, chunk_q5, true, 0);
-    kdot_rows4!(rows4_q6_k, 210, prep_q6, chunk_q6, false, 5);
+    kdot_rows4_rm!(rows4_q2_k, 84, prep_q2, chunk_q2, true, 0);
+    kdot_rows4_rm!(rows4_q5_k, 176, prep_q5, chunk_q5, true, 0);
 
     kdot!(dot_q2_k, 84, prep_q2, chunk_q2, true, 0);
     kdot!(dot_q3_k, 110, prep_q3, chunk_q3, false, 2);
@@ -1100,7 +1179,7 @@ mod tests {
     }
 
     /// The types whose AVX2 kernel sets have a 4-weight-rows kernel.
-    const ROWS4_TYPES: [GgmlType; 5] = TYPES;
+    const ROWS4_TYPES: [GgmlType; 3] = [GgmlType::Q2_K, GgmlType::Q4_K, GgmlType::Q5_K];
 
     /// The first group (and lane) where `rows4` differs from `vec_dot` row by row, bit for bit:
     /// every window of four consecutive weight rows (cyclically) against every activation row.
@@ -1141,7 +1220,10 @@ mod tests {
                 let k = kernels(ty).unwrap();
                 assert!(scalar_kernels(ty).unwrap().vec_dot_4rows.is_none());
                 let Some(rows4) = k.vec_dot_4rows else {
-                    assert!(!(avx2 && ROWS4_TYPES.contains(&ty)), "{ty}: no 4rows kernel");
+                    assert!(
+                        !(avx2 && ROWS4_TYPES.contains(&ty)),
+                        "{ty}: no 4rows kernel"
+                    );
                     continue;
                 };
                 let ws = weight_rows(ty, n);
@@ -1194,7 +1276,8 @@ mod tests {
 #[cfg(test)]
 mod bench {
     //! `cargo test --release --lib kquants::bench -- --ignored --nocapture`: ns per 256-element
-    //! block of one long row, fast vs scalar, 1 and 4 activation rows. Also leaves the rows in
+    //! block of one long row, fast vs scalar, 1 and 4 activation rows, and vec_dot vs 4rows on four
+    //! weight rows against one activation row. Also leaves the rows in
     //! /tmp/kdot_bench_* for timing ggml's kernels on the same bytes.
     use super::*;
     use crate::quant::{self, testdata};
