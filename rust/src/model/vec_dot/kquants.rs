@@ -23,7 +23,7 @@
 // Index loops over the sub-blocks mirror the block layouts.
 #![allow(clippy::needless_range_loop)]
 
-use super::{quantize_act_q8_k, DotKernels};
+use super::{quantize_act_q8_k, DotKernels, Rows4Fn};
 use crate::quant::kquants::{get_scale_min_k4, q3_k::scale_at, read_f16, QK_K};
 use crate::types::GgmlType;
 
@@ -44,20 +44,21 @@ pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
 fn dot_kernels(
     vec_dot: fn(&[u8], &[u8]) -> f32,
     vec_dot_x4: fn(&[u8], [&[u8]; 4]) -> [f32; 4],
+    vec_dot_4rows: Option<Rows4Fn>,
 ) -> DotKernels {
     DotKernels {
         act_type: GgmlType::Q8_K,
         quantize_act: quantize_act_q8_k,
         vec_dot,
         vec_dot_x4,
-        vec_dot_4rows: None,
+        vec_dot_4rows,
     }
 }
 
 /// The portable kernels (also the reference the AVX2 ones are tested against, bit for bit).
 pub fn scalar_kernels(ty: GgmlType) -> Option<DotKernels> {
     fn of<B: KBlock>() -> DotKernels {
-        dot_kernels(vec_dot_scalar::<B>, vec_dot_x4_scalar::<B>)
+        dot_kernels(vec_dot_scalar::<B>, vec_dot_x4_scalar::<B>, None)
     }
     Some(match ty {
         GgmlType::Q2_K => of::<Q2K>(),
@@ -80,22 +81,27 @@ fn avx2_kernels(ty: GgmlType) -> Option<DotKernels> {
         GgmlType::Q2_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q2_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q2_k::<4>(w, a) },
+            Some(|w, a| unsafe { avx2::rows4_q2_k(w, a) }),
         ),
         GgmlType::Q3_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q3_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q3_k::<4>(w, a) },
+            None,
         ),
         GgmlType::Q4_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q4_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q4_k::<4>(w, a) },
+            Some(|w, a| unsafe { avx2::rows4_q4_k(w, a) }),
         ),
         GgmlType::Q5_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q5_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q5_k::<4>(w, a) },
+            Some(|w, a| unsafe { avx2::rows4_q5_k(w, a) }),
         ),
         GgmlType::Q6_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q6_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q6_k::<4>(w, a) },
+            None,
         ),
         _ => return None,
     })
@@ -710,6 +716,163 @@ mod avx2 {
         };
     }
 
+    /// Four weight rows against ONE activation row (generation): each activation chunk and the
+    /// bsums are loaded once and meet the four rows' decoded chunks, four independent integer
+    /// chains. Per row the integers are `kdot`'s exact sums (int32 adds in another order give
+    /// the same value) and the float step is `kdot`'s lane for lane, so row r's result is
+    /// bit-identical to `$name::<1>(w[r], [a])`.
+    macro_rules! kdot_rows4 {
+        ($name:ident, $bytes:expr, $prep:ident, $chunk:ident, $mins:expr, $off_shift:expr) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+                let n = w[0].len() / $bytes;
+                for wr in &w {
+                    assert_eq!(wr.len() / $bytes, n, "weight rows of unequal length");
+                }
+                assert!(a.len() >= n * ACT_BYTES, "activation row too short");
+                let zero = _mm256_setzero_si256();
+                let mut acc = _mm_setzero_ps();
+                for blk in 0..n {
+                    // SAFETY: block `blk` < n lies inside every weight row and the activation
+                    // row (asserted above).
+                    let ab = a.as_ptr().add(blk * ACT_BYTES);
+                    let (s0, c0) = $prep(w[0].as_ptr().add(blk * $bytes));
+                    let (s1, c1) = $prep(w[1].as_ptr().add(blk * $bytes));
+                    let (s2, c2) = $prep(w[2].as_ptr().add(blk * $bytes));
+                    let (s3, c3) = $prep(w[3].as_ptr().add(blk * $bytes));
+                    let (mut t0, mut t1, mut t2, mut t3) = (zero, zero, zero, zero);
+                    for c in 0..8 {
+                        let qa = load(ab.add(ACT_QS + 32 * c));
+                        let (q, sc) = $chunk(&s0, c);
+                        t0 = _mm256_add_epi32(
+                            t0,
+                            _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)),
+                        );
+                        let (q, sc) = $chunk(&s1, c);
+                        t1 = _mm256_add_epi32(
+                            t1,
+                            _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)),
+                        );
+                        let (q, sc) = $chunk(&s2, c);
+                        t2 = _mm256_add_epi32(
+                            t2,
+                            _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)),
+                        );
+                        let (q, sc) = $chunk(&s3, c);
+                        t3 = _mm256_add_epi32(
+                            t3,
+                            _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)),
+                        );
+                    }
+                    let bs = load(ab.add(ACT_BSUMS));
+                    let m = [
+                        _mm256_madd_epi16(c0.bsum_w, bs),
+                        _mm256_madd_epi16(c1.bsum_w, bs),
+                        _mm256_madd_epi16(c2.bsum_w, bs),
+                        _mm256_madd_epi16(c3.bsum_w, bs),
+                    ];
+                    let s = if $mins {
+                        reduce4([t0, t1, t2, t3])
+                    } else {
+                        reduce4([
+                            _mm256_sub_epi32(t0, _mm256_slli_epi32::<{ $off_shift }>(m[0])),
+                            _mm256_sub_epi32(t1, _mm256_slli_epi32::<{ $off_shift }>(m[1])),
+                            _mm256_sub_epi32(t2, _mm256_slli_epi32::<{ $off_shift }>(m[2])),
+                            _mm256_sub_epi32(t3, _mm256_slli_epi32::<{ $off_shift }>(m[3])),
+                        ])
+                    };
+                    let da = _mm_set1_ps(f32::from_le_bytes(*(ab as *const [u8; 4])));
+                    // block_float's operations, lane r for row r (kdot's order: da·d first)
+                    let d = _mm_setr_ps(c0.d, c1.d, c2.d, c3.d);
+                    let main = _mm_mul_ps(_mm_mul_ps(da, d), _mm_cvtepi32_ps(s));
+                    if $mins {
+                        let mi = reduce4(m);
+                        let dm = _mm_mul_ps(da, _mm_setr_ps(c0.dmin, c1.dmin, c2.dmin, c3.dmin));
+                        acc =
+                            _mm_add_ps(acc, _mm_sub_ps(main, _mm_mul_ps(dm, _mm_cvtepi32_ps(mi))));
+                    } else {
+                        acc = _mm_add_ps(acc, main);
+                    }
+                }
+                let mut out = [0f32; 4];
+                _mm_storeu_ps(out.as_mut_ptr(), acc);
+                out
+            }
+        };
+    }
+
+    /// Like `kdot_rows4`, but row after row inside each block (each row's decode state held
+    /// only during its own 8 chunks; the activation chunks are re-read from L1): for the types
+    /// whose per-block state is too large to keep four rows of it in registers.
+    macro_rules! kdot_rows4_rm {
+        ($name:ident, $bytes:expr, $prep:ident, $chunk:ident, $mins:expr, $off_shift:expr) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+                let n = w[0].len() / $bytes;
+                for wr in &w {
+                    assert_eq!(wr.len() / $bytes, n, "weight rows of unequal length");
+                }
+                assert!(a.len() >= n * ACT_BYTES, "activation row too short");
+                let zero = _mm256_setzero_si256();
+                let mut acc = _mm_setzero_ps();
+                for blk in 0..n {
+                    // SAFETY: block `blk` < n lies inside every weight row and the activation
+                    // row (asserted above).
+                    let ab = a.as_ptr().add(blk * ACT_BYTES);
+                    let bs = load(ab.add(ACT_BSUMS));
+                    let mut t = [zero; 4];
+                    let mut m = [zero; 4];
+                    let mut d = [0f32; 4];
+                    let mut dmin = [0f32; 4];
+                    for r in 0..4 {
+                        let (st, common) = $prep(w[r].as_ptr().add(blk * $bytes));
+                        let mut sum = zero;
+                        for c in 0..8 {
+                            let qa = load(ab.add(ACT_QS + 32 * c));
+                            let (q, sc) = $chunk(&st, c);
+                            sum = _mm256_add_epi32(
+                                sum,
+                                _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q, qa)),
+                            );
+                        }
+                        let mr = _mm256_madd_epi16(common.bsum_w, bs);
+                        if $mins {
+                            m[r] = mr;
+                            t[r] = sum;
+                        } else {
+                            t[r] = _mm256_sub_epi32(sum, _mm256_slli_epi32::<{ $off_shift }>(mr));
+                        }
+                        d[r] = common.d;
+                        dmin[r] = common.dmin;
+                    }
+                    let s = reduce4(t);
+                    let da = _mm_set1_ps(f32::from_le_bytes(*(ab as *const [u8; 4])));
+                    // block_float's operations, lane r for row r (kdot's order: da·d first)
+                    let main =
+                        _mm_mul_ps(_mm_mul_ps(da, _mm_loadu_ps(d.as_ptr())), _mm_cvtepi32_ps(s));
+                    if $mins {
+                        let mi = reduce4(m);
+                        let dm = _mm_mul_ps(da, _mm_loadu_ps(dmin.as_ptr()));
+                        acc =
+                            _mm_add_ps(acc, _mm_sub_ps(main, _mm_mul_ps(dm, _mm_cvtepi32_ps(mi))));
+                    } else {
+                        acc = _mm_add_ps(acc, main);
+                    }
+                }
+                let mut out = [0f32; 4];
+                _mm_storeu_ps(out.as_mut_ptr(), acc);
+                out
+            }
+        };
+    }
+
+    // Measured (see the speed test): chunk by chunk pays off for Q4_K, whose per-row state is
+    // small; row by row for Q2_K and Q5_K. Q3_K and Q6_K gained nothing either way (their decode,
+    // done per row anyway, dominates), so they have no 4-row kernel.
+    kdot_rows4!(rows4_q4_k, 144, prep_q4, chunk_q4, true, 0);
+    kdot_rows4_rm!(rows4_q2_k, 84, prep_q2, chunk_q2, true, 0);
+    kdot_rows4_rm!(rows4_q5_k, 176, prep_q5, chunk_q5, true, 0);
+
     kdot!(dot_q2_k, 84, prep_q2, chunk_q2, true, 0);
     kdot!(dot_q3_k, 110, prep_q3, chunk_q3, false, 2);
     kdot!(dot_q4_k, 144, prep_q4, chunk_q4, true, 0);
@@ -1015,6 +1178,79 @@ mod tests {
         }
     }
 
+    /// The types whose AVX2 kernel sets have a 4-weight-rows kernel.
+    const ROWS4_TYPES: [GgmlType; 3] = [GgmlType::Q2_K, GgmlType::Q4_K, GgmlType::Q5_K];
+
+    /// The first group (and lane) where `rows4` differs from `vec_dot` row by row, bit for bit:
+    /// every window of four consecutive weight rows (cyclically) against every activation row.
+    fn rows4_mismatch(
+        k: &DotKernels,
+        rows4: Rows4Fn,
+        ws: &[(&'static str, Vec<u8>)],
+        acts: &[(&'static str, Vec<u8>)],
+    ) -> Option<String> {
+        for start in 0..ws.len() {
+            let idx: [usize; 4] = std::array::from_fn(|j| (start + j) % ws.len());
+            let w: [&[u8]; 4] = idx.map(|i| ws[i].1.as_slice());
+            for (aname, aq) in acts {
+                let four = rows4(w, aq);
+                for j in 0..4 {
+                    let single = (k.vec_dot)(w[j], aq);
+                    if !same(four[j], single) {
+                        return Some(format!(
+                            "w='{}' (lane {j}) a='{aname}': 4rows {} vs vec_dot {single}",
+                            ws[idx[j]].0, four[j]
+                        ));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// 4rows == vec_dot bit for bit, lane by lane, on random and adversarial rows; and the check
+    /// itself catches a kernel that swaps two rows.
+    #[test]
+    fn rows4_matches_vec_dot_bit_for_bit() {
+        let f = crate::quant::cpu::features();
+        let avx2 = cfg!(target_arch = "x86_64") && f.avx2 && f.fma && f.f16c;
+        for n in [256, 512, 2816] {
+            let acts = act_rows(n);
+            for ty in TYPES {
+                let k = kernels(ty).unwrap();
+                assert!(scalar_kernels(ty).unwrap().vec_dot_4rows.is_none());
+                let Some(rows4) = k.vec_dot_4rows else {
+                    assert!(
+                        !(avx2 && ROWS4_TYPES.contains(&ty)),
+                        "{ty}: no 4rows kernel"
+                    );
+                    continue;
+                };
+                let ws = weight_rows(ty, n);
+                if let Some(e) = rows4_mismatch(&k, rows4, &ws, &acts) {
+                    panic!("{ty} n={n}: {e}");
+                }
+                // the same check must fail for rows 1 and 2 swapped
+                let swapped: Rows4Fn = match ty {
+                    GgmlType::Q2_K => |w, a| swap12(kernels(GgmlType::Q2_K), w, a),
+                    GgmlType::Q3_K => |w, a| swap12(kernels(GgmlType::Q3_K), w, a),
+                    GgmlType::Q4_K => |w, a| swap12(kernels(GgmlType::Q4_K), w, a),
+                    GgmlType::Q5_K => |w, a| swap12(kernels(GgmlType::Q5_K), w, a),
+                    _ => |w, a| swap12(kernels(GgmlType::Q6_K), w, a),
+                };
+                assert!(
+                    rows4_mismatch(&k, swapped, &ws, &acts).is_some(),
+                    "{ty} n={n}: a row swap went unnoticed"
+                );
+            }
+        }
+    }
+
+    fn swap12(k: Option<DotKernels>, w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+        let v = (k.unwrap().vec_dot_4rows.unwrap())(w, a);
+        [v[0], v[2], v[1], v[3]]
+    }
+
     /// Q2_K..Q6_K get Q8_K kernels here; other types are left to the other families.
     #[test]
     fn dispatch() {
@@ -1040,7 +1276,8 @@ mod tests {
 #[cfg(test)]
 mod bench {
     //! `cargo test --release --lib kquants::bench -- --ignored --nocapture`: ns per 256-element
-    //! block of one long row, fast vs scalar, 1 and 4 activation rows. Also leaves the rows in
+    //! block of one long row, fast vs scalar, 1 and 4 activation rows, and vec_dot vs 4rows on four
+    //! weight rows against one activation row. Also leaves the rows in
     //! /tmp/kdot_bench_* for timing ggml's kernels on the same bytes.
     use super::*;
     use crate::quant::{self, testdata};
@@ -1089,6 +1326,18 @@ mod bench {
             let fast = kernels(ty).unwrap();
             let scalar = scalar_kernels(ty).unwrap();
             let rows = [x[0].as_slice(), &x[1], &x[2], &x[3]];
+            // four weight rows (distinct data) against one activation row, as in generation
+            let ws: Vec<Vec<u8>> = (0..4)
+                .map(|s| {
+                    let x = testdata::heavy_tailed(200 + s, n);
+                    quant::quantize("w", &x, n, ty, None).unwrap()
+                })
+                .collect();
+            let wrows = [ws[0].as_slice(), &ws[1], &ws[2], &ws[3]];
+            let w1 = time(|| wrows.iter().map(|wr| (fast.vec_dot)(wr, &x[0])).sum());
+            let w4 = fast
+                .vec_dot_4rows
+                .map(|r4| time(|| r4(wrows, &x[0]).iter().sum()));
             let f1 = time(|| (fast.vec_dot)(&w, &x[0]));
             let f4 = time(|| (fast.vec_dot_x4)(&w, rows)[3]);
             let s1 = time(|| (scalar.vec_dot)(&w, &x[0]));
@@ -1101,6 +1350,15 @@ mod bench {
                 ns(s1),
                 ns(s4) / 4.0
             );
+            match w4 {
+                Some(w4) => eprintln!(
+                    "{ty}: 4 weight rows: vec_dot {:.1} ns/block/row, 4rows {:.1} ({:.2}x)",
+                    ns(w1) / 4.0,
+                    ns(w4) / 4.0,
+                    w1 / w4
+                ),
+                None => eprintln!("{ty}: no 4rows kernel"),
+            }
         }
     }
 }
