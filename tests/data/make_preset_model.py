@@ -13,7 +13,10 @@ work. The models have no tokenizer (llama.cpp's quantizer does not need one).
 * ``dense``  qwen3 (no experts: the layer schedules use llama.cpp's counters), 16 layers,
              hidden 256, 4 / 4 heads of 64, FFN 512.
 
-Usage: python tests/data/make_preset_model.py NAME OUT.gguf [--dtype f32|f16|bf16]
+``--tokenizer-from MODEL.gguf`` copies a model's ``tokenizer.*`` metadata (same vocabulary size) so
+that inference engines can load the result, e.g. the bundled model's for ``a3b-2layers``.
+
+Usage: python tests/data/make_preset_model.py NAME OUT.gguf [--dtype f32|f16|bf16] [--tokenizer-from GGUF]
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ CONFIGS = {
         n_head_kv=4,
         head_dim=128,
         n_expert=128,
+        n_expert_used=8,
         n_ff=768,
         vocab=8192,
     ),
@@ -73,7 +77,18 @@ def _to_dtype(a: np.ndarray, dtype: str):
     return bf16, gguf.GGMLQuantizationType.BF16
 
 
-def write_model(path, name: str, dtype: str = "f16", seed: int = 1234) -> None:
+def copy_tokenizer(w: gguf.GGUFWriter, source: str) -> None:
+    """Adds every ``tokenizer.*`` key of ``source`` to ``w``, with its GGUF types."""
+    r = gguf.GGUFReader(source)
+    for name, field in r.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, field.contents(), vtype, sub_type=sub)
+
+
+def write_model(path, name: str, dtype: str = "f16", seed: int = 1234, tokenizer_from: str | None = None) -> None:
     c = dict(CONFIGS[name])
     arch, L, h = c["arch"], c["n_layer"], c["hidden"]
     nh, nkv, hd, ne, ff, vocab = c["n_head"], c["n_head_kv"], c["head_dim"], c["n_expert"], c["n_ff"], c["vocab"]
@@ -93,9 +108,11 @@ def write_model(path, name: str, dtype: str = "f16", seed: int = 1234) -> None:
     w.add_layer_norm_rms_eps(1e-6)
     if ne:
         w.add_expert_count(ne)
-        w.add_expert_used_count(2)
+        w.add_expert_used_count(c.get("n_expert_used", 2))
         w.add_expert_feed_forward_length(ff)
     w.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])
+    if tokenizer_from:
+        copy_tokenizer(w, tokenizer_from)
 
     def mat(*shape, scale=0.02):
         return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
@@ -192,5 +209,6 @@ if __name__ == "__main__":
     ap.add_argument("name", choices=sorted(CONFIGS))
     ap.add_argument("out")
     ap.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f16")
+    ap.add_argument("--tokenizer-from", default=None, help="copy tokenizer.* metadata from this GGUF")
     a = ap.parse_args()
-    write_model(a.out, a.name, a.dtype)
+    write_model(a.out, a.name, a.dtype, tokenizer_from=a.tokenizer_from)
