@@ -230,3 +230,36 @@ def test_cli_generate_chat_bench(tiny_model):
     assert p.returncode == 0, p.stderr
     p = run_cli("generate", "-m", tiny_model, "-p", "x", "-ctk", "q4_0")
     assert p.returncode != 0 and "q4_0" in p.stderr
+
+
+@pytest.mark.parametrize(
+    "which, qtype",
+    [("tiny", "F32"), ("tiny", "Q8_0"), ("ref", "BF16")] + [("ref", f"Q{b}_K") for b in range(2, 7)],
+)
+def test_logits_are_the_same_bits_without_simd(tiny_model, tokens, tmp_path, which, qtype):
+    """The portable kernels sum in the AVX2 kernels' order: a machine without AVX2 (or
+    PYQMOE_NO_SIMD=1) gives bit-identical logits. Not yet so for Q4_0/Q4_1/Q5_0/Q5_1/IQ4_NL and
+    the i-quants, whose portable kernels agree only to float rounding. The k-quants need rows of
+    256, so they run on the bundled model."""
+    from pyqmoe import _core
+
+    src = tiny_model if which == "tiny" else pyqmoe.default_model_path()
+    path = tmp_path / f"{which}-{qtype.lower()}.gguf"
+    _core.quantize_model(str(src), str(path), qtype, pure=True)
+    script = (
+        "import sys, numpy as np, pyqmoe; m = pyqmoe.Model(sys.argv[1], n_ctx=64, threads=1); "
+        "np.save(sys.argv[2], m.eval([int(t) for t in sys.argv[3].split(',')]))"
+    )
+    out = tmp_path / "scalar.npy"
+    env = dict(__import__("os").environ, PYQMOE_NO_SIMD="1")
+    p = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(out), ",".join(map(str, tokens))],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tempfile.gettempdir(),
+    )
+    assert p.returncode == 0, p.stderr
+    simd = pyqmoe.Model(path, n_ctx=64, threads=1).eval(tokens)
+    scalar = np.load(out)
+    assert (simd.view(np.uint32) == scalar.view(np.uint32)).all(), np.abs(simd - scalar).max()

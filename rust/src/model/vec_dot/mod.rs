@@ -151,17 +151,20 @@ pub fn vec_dot_q8_0_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
     a.map(|ai| vec_dot_q8_0_scalar(w, ai))
 }
 
+/// The portable kernel, in the AVX2 kernel's exact order (so every machine gives the same bits):
+/// per block 8 lanes of 4 products each, lane += d·sum fused, then the lanes added pairwise.
 pub fn vec_dot_q8_0_scalar(w: &[u8], a: &[u8]) -> f32 {
-    let mut sum = 0f32;
+    let mut acc = [0f32; 8];
     for (wb, ab) in w.chunks_exact(BLOCK).zip(a.chunks_exact(BLOCK)) {
-        let sumi: i32 = wb[2..]
-            .iter()
-            .zip(&ab[2..])
-            .map(|(&p, &q)| (p as i8 as i32) * (q as i8 as i32))
-            .sum();
-        sum += scale(wb) * scale(ab) * sumi as f32;
+        let d = scale(wb) * scale(ab);
+        for (l, lane) in acc.iter_mut().enumerate() {
+            let sumi: i32 = (4 * l..4 * l + 4)
+                .map(|i| (wb[2 + i] as i8 as i32) * (ab[2 + i] as i8 as i32))
+                .sum();
+            *lane = d.mul_add(sumi as f32, *lane);
+        }
     }
-    sum
+    super::ops::reduce8(&acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -472,6 +475,11 @@ mod tests {
         let mut xq = vec![0u8; n / 32 * 34];
         quantize_act_q8_0(&x, &mut xq);
         let (fast, slow) = (vec_dot_q8_0(&wq, &xq), vec_dot_q8_0_scalar(&wq, &xq));
+        assert_eq!(
+            fast.to_bits(),
+            slow.to_bits(),
+            "AVX2 and portable Q8_0 dots differ"
+        );
         let wd = quant::dequantize("w", &wq, n, GgmlType::Q8_0).unwrap();
         let xd = quant::dequantize("x", &xq, n, GgmlType::Q8_0).unwrap();
         let exact: f64 = wd.iter().zip(&xd).map(|(a, b)| *a as f64 * *b as f64).sum();
@@ -1027,5 +1035,3 @@ mod llamacpp_tests {
         }
     }
 }
-
-
