@@ -11,7 +11,8 @@ Writes ``tests/data/reference-model-vectors.npz``:
   ``tests/data/reference-imatrix.dat``), made by ``pyqmoe quantize`` from the bundled BF16 model:
   ``<q>/top1`` int32 [W, 512] llama.cpp's arg-max next token at every position (each window from an
   empty cache), ``<q>/margin`` f32 [W, 512] its gap between the best and second-best logit, and
-  ``<q>/sha256`` of the file llama.cpp ran on, and ``<q>/nll`` f64 [W]: llama.cpp's summed negative
+  ``<q>/sha256`` of the tensor data of the file llama.cpp ran on (not of the whole file: the
+  metadata records the imatrix file's path), and ``<q>/nll`` f64 [W]: llama.cpp's summed negative
   log-likelihood of the last 255 tokens of each window given the rest (llama-perplexity's scoring).
 * ``greedy/prompts`` int32 [P, 16] and ``greedy/Q8_0`` int32 [P, 64]: llama.cpp's greedy
   continuation (arg-max each step) of each prompt on the Q8_0 file.
@@ -52,6 +53,17 @@ def heldout_ids() -> np.ndarray:
     text = lzma.decompress((REPO / "data" / "heldout.txt.xz").read_bytes()).decode("utf-8")
     ids = pyqmoe.Model(MODEL, n_ctx=16).tokenize(text, add_bos=False)
     return np.asarray(ids, dtype=np.int32)
+
+
+def tensor_digest(path: Path) -> str:
+    """sha256 over every tensor's bytes, in file order."""
+    import pyqmoe
+
+    f = pyqmoe.GGUFFile(path)
+    h = hashlib.sha256()
+    for t in f.tensors:
+        h.update(bytes(f.tensor_bytes(t.name)))
+    return h.hexdigest()
 
 
 def hf_logits(tokens: np.ndarray) -> np.ndarray:
@@ -134,7 +146,7 @@ def main() -> int:
         for preset, imatrix in PRESETS.items():
             q = Path(d) / f"ref-{preset.lower()}.gguf"
             _core.quantize_model(str(MODEL), str(q), preset, imatrix=str(imatrix) if imatrix else None)
-            out[f"{preset}/sha256"] = np.array(hashlib.sha256(q.read_bytes()).hexdigest())
+            out[f"{preset}/sha256"] = np.array(tensor_digest(q))
             llm = llama(q)
             out[f"{preset}/top1"], out[f"{preset}/margin"], out[f"{preset}/nll"] = top1(llm, windows)
             if preset == "Q8_0":
