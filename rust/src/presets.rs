@@ -311,7 +311,7 @@ pub fn llama_order<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<usize> {
 /// A row-size fall-back (llama.cpp's `tensor_type_fallback`): None when `ty` fits rows of `ncols`.
 pub fn fallback(name: &str, ncols: u64, ty: GgmlType) -> Result<Option<GgmlType>> {
     use GgmlType::*;
-    if ncols % ty.block_size() as u64 == 0 {
+    if ncols.is_multiple_of(ty.block_size() as u64) {
         return Ok(None);
     }
     let mut to = match ty {
@@ -331,7 +331,7 @@ pub fn fallback(name: &str, ncols: u64, ty: GgmlType) -> Result<Option<GgmlType>
             ))
         }
     };
-    if ncols % to.block_size() as u64 != 0 {
+    if !ncols.is_multiple_of(to.block_size() as u64) {
         // Rows not even a multiple of 32: only a float type fits.
         to = F16;
     }
@@ -446,7 +446,7 @@ impl<'a> Mixture<'a> {
         if cat == C::Output || (self.has_tied_embeddings && cat == C::TokenEmbd) {
             if let Some(t) = self.output_tensor_type {
                 new_type = t;
-            } else if arch_falcon || ne0 % new_type.block_size() as u64 != 0 {
+            } else if arch_falcon || !ne0.is_multiple_of(new_type.block_size() as u64) {
                 new_type = T::Q8_0;
             } else if matches!(
                 ft,

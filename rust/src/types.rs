@@ -163,7 +163,7 @@ impl GgmlType {
     /// Bytes of one row of `n_per_row` elements, or an error if the row is not whole blocks.
     pub fn row_size(self, n_per_row: usize) -> Result<usize> {
         let (bs, ts) = self.block_geometry();
-        if n_per_row % bs != 0 {
+        if !n_per_row.is_multiple_of(bs) {
             return Err(Error::Invalid(format!(
                 "row length {n_per_row} is not a multiple of the {} block size {bs}",
                 self.name()
@@ -176,7 +176,7 @@ impl GgmlType {
     pub fn nbytes(self, dims: &[u64]) -> Option<u64> {
         let (bs, ts) = self.block_geometry();
         let ne0 = *dims.first().unwrap_or(&1);
-        if ne0 % bs as u64 != 0 {
+        if !ne0.is_multiple_of(bs as u64) {
             return None;
         }
         let mut n = (ne0 / bs as u64).checked_mul(ts as u64)?;

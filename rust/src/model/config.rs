@@ -144,13 +144,13 @@ impl Config {
         if self.n_layer == 0 || self.n_embd == 0 {
             return bad("block_count and embedding_length must be > 0".into());
         }
-        if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+        if self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
             return bad(format!(
                 "attention.head_count {} is not a multiple of attention.head_count_kv {}",
                 self.n_head, self.n_head_kv
             ));
         }
-        if self.head_dim_k % 2 != 0 || self.head_dim_k == 0 {
+        if !self.head_dim_k.is_multiple_of(2) || self.head_dim_k == 0 {
             return bad(format!(
                 "attention.key_length {} must be even for RoPE",
                 self.head_dim_k

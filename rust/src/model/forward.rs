@@ -600,7 +600,7 @@ fn weighted_values<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32], o: &mut [f32])
 unsafe fn weighted_values_fma<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32], o: &mut [f32]) {
     use std::arch::x86_64::*;
     let hv = o.len();
-    if hv % 8 != 0 {
+    if !hv.is_multiple_of(8) {
         return weighted_values_body(p, v, o);
     }
     let mut lanes = vec![0f32; 8 * hv];

@@ -125,13 +125,23 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
                 .zip(x.par_chunks(n_cols))
                 .for_each(|(q, xr)| (k.quantize_act)(xr, q));
             let xqs: Vec<&[u8]> = xq.chunks_exact(act_row).collect();
+            let q8_0_tiles = w.ty == GgmlType::Q8_0 && n_tok >= 4;
+            let da = if q8_0_tiles {
+                vec_dot::q8_0_act_scales(&xqs)
+            } else {
+                vec![]
+            };
             yt.par_chunks_mut(block * n_tok)
                 .enumerate()
                 .for_each(|(b, out)| {
                     let r0 = b * block;
                     let rows = &w.data[r0 * row_bytes..(r0 + out.len() / n_tok) * row_bytes];
                     let wrows: Vec<&[u8]> = rows.chunks_exact(row_bytes).collect();
-                    quantized_block(&wrows, &xqs, out, &k);
+                    // Q8_0 batches: 2-row × 4-token tiles (bit-identical to the per-row kernels)
+                    let tiled = q8_0_tiles && vec_dot::q8_0_gemm(&wrows, &xqs, &da, out);
+                    if !tiled {
+                        quantized_block(&wrows, &xqs, out, &k);
+                    }
                 });
         }
         RowKernel::F32InPlace => {

@@ -9,6 +9,8 @@ pub struct CpuFeatures {
     pub f16c: bool,
     pub avx512f: bool,
     pub avx512bw: bool,
+    /// AVX512-VNNI with AVX512-VL: `vpdpbusd` on 256-bit registers.
+    pub avx512vnni: bool,
 }
 
 pub fn features() -> CpuFeatures {
@@ -26,6 +28,7 @@ fn detect() -> CpuFeatures {
             f16c: false,
             avx512f: false,
             avx512bw: false,
+            avx512vnni: false,
         };
     }
     CpuFeatures {
@@ -34,6 +37,7 @@ fn detect() -> CpuFeatures {
         f16c: is_x86_feature_detected!("f16c"),
         avx512f: is_x86_feature_detected!("avx512f"),
         avx512bw: is_x86_feature_detected!("avx512bw"),
+        avx512vnni: is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl"),
     }
 }
 
@@ -45,6 +49,7 @@ fn detect() -> CpuFeatures {
         f16c: false,
         avx512f: false,
         avx512bw: false,
+        avx512vnni: false,
     }
 }
 
@@ -60,6 +65,9 @@ pub fn describe() -> String {
     let mut parts = vec![];
     if f.avx512f && f.avx512bw {
         parts.push("avx512");
+    }
+    if f.avx512vnni {
+        parts.push("avx512vnni");
     }
     if f.avx2 {
         parts.push("avx2");

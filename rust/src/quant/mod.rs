@@ -147,13 +147,13 @@ fn check_shape(tensor: &str, n_elems: usize, n_per_row: usize, ty: GgmlType) -> 
     if n_per_row == 0 {
         return Err(Error::tensor(tensor, "row length is 0"));
     }
-    if n_elems % n_per_row != 0 {
+    if !n_elems.is_multiple_of(n_per_row) {
         return Err(Error::tensor(
             tensor,
             format!("{n_elems} elements are not a whole number of rows of {n_per_row}"),
         ));
     }
-    if n_per_row % ty.block_size() != 0 {
+    if !n_per_row.is_multiple_of(ty.block_size()) {
         return Err(Error::tensor(
             tensor,
             format!(
@@ -170,7 +170,7 @@ fn check_shape(tensor: &str, n_elems: usize, n_per_row: usize, ty: GgmlType) -> 
 /// where the rows split evenly into `k` experts). Returns the rows per slice.
 fn check_imatrix(tensor: &str, imatrix: &[f32], n_per_row: usize, n_rows: usize) -> Result<usize> {
     let k = imatrix.len() / n_per_row;
-    if imatrix.len() % n_per_row != 0 || k == 0 || n_rows % k != 0 {
+    if !imatrix.len().is_multiple_of(n_per_row) || k == 0 || !n_rows.is_multiple_of(k) {
         return Err(Error::tensor(
             tensor,
             format!(
@@ -322,7 +322,7 @@ pub fn dequantize_into(
 /// Dequantize `n_rows × n_per_row` elements of `ty` to f32.
 pub fn dequantize(tensor: &str, src: &[u8], n_per_row: usize, ty: GgmlType) -> Result<Vec<f32>> {
     let row_bytes = ty.row_size(n_per_row)?;
-    if row_bytes == 0 || src.len() % row_bytes != 0 {
+    if row_bytes == 0 || !src.len().is_multiple_of(row_bytes) {
         return Err(Error::tensor(
             tensor,
             format!(

@@ -79,6 +79,129 @@ fn q8_0_4rows() -> Option<Rows4Fn> {
     None
 }
 
+/// Q8_0 rows × Q8_0 activations for a batch, in tiles of 2 rows × 4 tokens: activation scales
+/// as f32 from `q8_0_act_scales` (once per multiply), weight blocks loaded once per 4 tokens and
+/// activation blocks once per 2 rows, with AVX512-VNNI's `vpdpbusd` where the CPU has it. Every value is bit-identical to
+/// `vec_dot_q8_0` of its row and token (same integer sums, same float steps). Writes
+/// out[i * n_tok + t]; returns false (nothing written) where AVX2/FMA/F16C are missing.
+pub fn q8_0_gemm(wrows: &[&[u8]], xs: &[&[u8]], da: &[f32], out: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = cpu::features();
+        if f.avx2 && f.fma && f.f16c {
+            let n_tok = xs.len();
+            let nb = xs.first().map_or(0, |x| x.len() / BLOCK);
+            let quads = n_tok / 4;
+            assert_eq!(
+                da.len(),
+                quads * nb * 4,
+                "q8_0_act_scales of these activations"
+            );
+            let pairs = wrows.len() / 2;
+            for q in 0..quads {
+                let quad = [xs[4 * q], xs[4 * q + 1], xs[4 * q + 2], xs[4 * q + 3]];
+                let dq = &da[q * nb * 4..(q + 1) * nb * 4];
+                for p in 0..pairs {
+                    let pair = [wrows[2 * p], wrows[2 * p + 1]];
+                    // SAFETY (both): the features were checked above; rows and activations hold
+                    // nb blocks (asserted inside).
+                    let v = if f.avx512vnni {
+                        unsafe { gemm::tile_vnni(pair, quad, dq) }
+                    } else {
+                        unsafe { gemm::tile_avx2(pair, quad, dq) }
+                    };
+                    for (r, vr) in v.iter().enumerate() {
+                        let i = 2 * p + r;
+                        out[i * n_tok + 4 * q..i * n_tok + 4 * q + 4].copy_from_slice(vr);
+                    }
+                }
+                if wrows.len() % 2 == 1 {
+                    let i = wrows.len() - 1;
+                    let v = vec_dot_q8_0_x4(wrows[i], quad);
+                    out[i * n_tok + 4 * q..i * n_tok + 4 * q + 4].copy_from_slice(&v);
+                }
+            }
+            for t in 4 * quads..n_tok {
+                for (i, wr) in wrows.iter().enumerate() {
+                    out[i * n_tok + t] = vec_dot_q8_0(wr, xs[t]);
+                }
+            }
+            return true;
+        }
+    }
+    let _ = (wrows, xs, da, out);
+    false
+}
+
+/// The activation scales `q8_0_gemm` reads, as f32, converted once per multiply:
+/// da[(q · nb + b) · 4 + t] is token 4q+t's scale of block b (whole quads of tokens only).
+pub fn q8_0_act_scales(xs: &[&[u8]]) -> Vec<f32> {
+    let nb = xs.first().map_or(0, |x| x.len() / BLOCK);
+    let quads = xs.len() / 4;
+    let mut da = vec![0f32; quads * nb * 4];
+    for (i, d) in da.iter_mut().enumerate() {
+        let (q, b, t) = (i / (4 * nb), (i / 4) % nb, i % 4);
+        *d = scale(&xs[4 * q + t][b * BLOCK..]);
+    }
+    da
+}
+
+#[cfg(target_arch = "x86_64")]
+mod gemm {
+    use std::arch::x86_64::*;
+
+    use super::avx2::{f16_scale, hsum};
+    use super::BLOCK;
+
+    macro_rules! tile {
+        ($name:ident, $features:literal, $dot:ident) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(w: [&[u8]; 2], a: [&[u8]; 4], da: &[f32]) -> [[f32; 4]; 2] {
+                let nb = da.len() / 4;
+                assert!(
+                    w.iter().all(|r| r.len() >= nb * BLOCK)
+                        && a.iter().all(|r| r.len() >= nb * BLOCK)
+                );
+                let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+                for b in 0..nb {
+                    let qa: [__m256i; 4] = std::array::from_fn(|t| {
+                        _mm256_loadu_si256(a[t].as_ptr().add(b * BLOCK + 2) as *const __m256i)
+                    });
+                    for r in 0..2 {
+                        let wb = w[r].as_ptr().add(b * BLOCK);
+                        let qw = _mm256_loadu_si256(wb.add(2) as *const __m256i);
+                        let abs_w = _mm256_sign_epi8(qw, qw);
+                        let dw = _mm256_set1_ps(f16_scale(wb));
+                        for t in 0..4 {
+                            let q = $dot(abs_w, _mm256_sign_epi8(qa[t], qw));
+                            let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&da[b * 4 + t]));
+                            acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), acc[r][t]);
+                        }
+                    }
+                }
+                std::array::from_fn(|r| std::array::from_fn(|t| hsum(acc[r][t])))
+            }
+        };
+    }
+
+    /// Σ of each 4 adjacent u8·i8 products in int32 lanes, exactly (VNNI).
+    #[inline]
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    unsafe fn quads_vnni(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+    }
+
+    /// The same sums with maddubs + madd (|products| <= 127·127·2: no saturation).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quads_avx2(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+
+    tile!(tile_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", quads_vnni);
+    tile!(tile_avx2, "avx2,fma,f16c", quads_avx2);
+}
+
 /// Activations to Q8_K as ggml's x86 `quantize_row_q8_K` (its reference: d = max/-127 with the
 /// signed absmax, 256 int8 levels, and the sums of every 16 levels).
 pub fn quantize_act_q8_k(x: &[f32], out: &mut [u8]) {
@@ -987,6 +1110,65 @@ pub(crate) mod llamacpp_vectors {
 #[cfg(test)]
 mod llamacpp_tests {
     use super::*;
+
+    #[test]
+    fn q8_0_tiles_equal_the_row_kernel_bit_for_bit() {
+        use crate::quant::testdata;
+        let n = 32 * 9;
+        let w = testdata::heavy_tailed(51, 7 * n);
+        let wq = crate::quant::quantize("w", &w, n, GgmlType::Q8_0, None).unwrap();
+        let rows: Vec<&[u8]> = wq.chunks_exact(wq.len() / 7).collect();
+        let acts: Vec<Vec<u8>> = (0..11)
+            .map(|t| {
+                let mut a = vec![0u8; n / 32 * 34];
+                let mut x = testdata::heavy_tailed(60 + t, n);
+                if t == 3 {
+                    x[..32].fill(0.0); // a zero block: scale 0
+                }
+                quantize_act_q8_0(&x, &mut a);
+                a
+            })
+            .collect();
+        let xs: Vec<&[u8]> = acts.iter().map(|a| &a[..]).collect();
+        for n_tok in [4, 9, 11] {
+            let mut out = vec![0f32; 7 * n_tok];
+            let da = q8_0_act_scales(&xs[..n_tok]);
+            if !q8_0_gemm(&rows, &xs[..n_tok], &da, &mut out) {
+                return; // no AVX2 here: the per-row kernels are used instead
+            }
+            for (i, r) in rows.iter().enumerate() {
+                for t in 0..n_tok {
+                    let want = vec_dot_q8_0(r, xs[t]);
+                    assert_eq!(
+                        out[i * n_tok + t].to_bits(),
+                        want.to_bits(),
+                        "row {i} token {t}"
+                    );
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if cpu::features().avx512vnni {
+            // both tile flavours on this machine: VNNI and AVX2 agree
+            let nb = n / 32;
+            let quad = [xs[0], xs[1], xs[2], xs[3]];
+            let da: Vec<f32> = (0..nb * 4)
+                .map(|i| scale(&xs[i % 4][(i / 4) * BLOCK..]))
+                .collect();
+            // SAFETY: AVX512-VNNI/VL (checked) and AVX2/FMA/F16C (q8_0_gemm ran above).
+            let (a, b) = unsafe {
+                (
+                    gemm::tile_vnni([rows[0], rows[1]], quad, &da),
+                    gemm::tile_avx2([rows[0], rows[1]], quad, &da),
+                )
+            };
+            assert!(a
+                .iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
 
     #[test]
     fn fast_activation_quantizers_and_four_row_dot_equal_the_portable_ones() {

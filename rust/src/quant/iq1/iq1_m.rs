@@ -198,7 +198,7 @@ fn group_values(shift_choice: usize, k: usize) -> &'static [f32; 3] {
     let plus = if k == 0 {
         shift_choice < 2
     } else {
-        shift_choice % 2 == 0
+        shift_choice.is_multiple_of(2)
     };
     if plus {
         &X_P

@@ -50,7 +50,7 @@ pub(crate) fn sorted_order<const N: usize>(xb: &[f32]) -> [usize; N] {
 /// `sorted_order` on the fastest path this CPU has (same order).
 pub(crate) fn sorted_order_fast<const N: usize>(xb: &[f32]) -> [usize; N] {
     #[cfg(target_arch = "x86_64")]
-    if N % 8 == 0 && N <= 32 && crate::quant::cpu::has_avx2() {
+    if N.is_multiple_of(8) && N <= 32 && crate::quant::cpu::has_avx2() {
         // Safety: AVX2 is present; N is 8, 16, 24 or 32.
         return unsafe { avx2_split::sorted_order(xb) };
     }
@@ -269,7 +269,11 @@ mod tests {
         for _ in 0..200 {
             let x: [f32; 32] = std::array::from_fn(|_| {
                 ((r.next_u64() % 7) as f32 - 3.0) * 0.5
-                    + if r.next_u64() % 5 == 0 { -0.0 } else { 0.0 }
+                    + if r.next_u64().is_multiple_of(5) {
+                        -0.0
+                    } else {
+                        0.0
+                    }
             });
             assert_eq!(sorted_order_fast::<32>(&x), sorted_order::<32>(&x));
             assert_eq!(

@@ -681,7 +681,7 @@ pub(crate) unsafe fn fit_q6k(x: &[f32], qw: Option<&[f32]>) -> LaneFits<16, 2> {
 #[inline(always)]
 pub(crate) unsafe fn requantize(x: &[f32], m: f32, d: f32, lo: i32, hi: i32, out: &mut [u8]) {
     use v::*;
-    assert!(out.len() >= x.len() && x.len() % 8 == 0);
+    assert!(out.len() >= x.len() && x.len().is_multiple_of(8));
     let (mv, dv) = (splat(m), splat(d));
     for k in 0..x.len() / 8 {
         let xv = _mm256_loadu_ps(x.as_ptr().add(8 * k));
