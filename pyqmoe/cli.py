@@ -301,14 +301,15 @@ def models_path():
     click.echo(str(default_model_path()))
 
 
-# Running a model (generate / chat / bench / imatrix / perplexity) lives in run_cli.py.
-from .run_cli import bench, chat, generate, imatrix, perplexity  # noqa: E402
+# Running a model (generate / chat / bench / imatrix / perplexity / kld) lives in run_cli.py.
+from .run_cli import bench, chat, generate, imatrix, kld, perplexity  # noqa: E402
 
 main.add_command(generate)
 main.add_command(chat)
 main.add_command(bench)
 main.add_command(imatrix)
 main.add_command(perplexity)
+main.add_command(kld)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,17 @@ class Model:
         self._tokens += toks
         return out
 
+    def kl_divergence(self, tokens: Sequence[int], first: int, base_logits: np.ndarray):
+        """Runs ``tokens`` after the cached ones and compares this model's logits at positions
+        ``first..`` with ``base_logits`` (another model's, same tokens and positions). Returns
+        (KL(base ‖ this) per position in nats, arg-max agreement per position, negative
+        log-likelihoods of ``tokens[first + 1:]`` under this model, and under the base logits)."""
+        toks = [int(t) for t in tokens]
+        base = np.ascontiguousarray(base_logits, dtype=np.float32)
+        out = self._engine.kl_divergence(toks, int(first), base)
+        self._tokens += toks
+        return out
+
     def reset(self) -> None:
         """Empties the KV cache."""
         self._engine.reset()

@@ -208,6 +208,82 @@ def perplexity(model_path, text_file, ctx, chunks, threads, kv_type, kv_type_v):
 
     import numpy as np
 
+    tokens, n_chunk, bos, first, m = _chunked_text(model_path, text_file, ctx, chunks, threads, kv_type, kv_type_v)
+    nll: list[np.ndarray] = []
+    click.echo(f"perplexity: {n_chunk} chunks of {ctx} tokens, scoring the last {ctx - first - 1} of each", err=True)
+    for i in range(n_chunk):
+        chunk = tokens[i * ctx : (i + 1) * ctx]
+        if bos is not None:
+            chunk = [bos] + chunk[1:]
+        m.reset()
+        nll.append(m.score(chunk, first))
+        click.echo(f"[{i + 1}]{math.exp(np.concatenate(nll).mean()):.4f},", nl=False)
+        sys.stdout.flush()
+    all_nll = np.concatenate(nll)
+    mean = float(all_nll.mean())
+    ppl = math.exp(mean)
+    var = float((all_nll**2).mean()) - mean * mean
+    err = ppl * math.sqrt(var / (all_nll.size - 1)) if var > 0 and all_nll.size > 1 else 0.0
+    click.echo(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f}")
+
+
+@click.command()
+@click.option("-b", "--base", "base_path", required=True, type=click.Path(dir_okay=False), help="Reference GGUF.")
+@_model_option
+@click.option("-f", "--file", "text_file", required=True, type=click.Path(dir_okay=False), help="Text to score.")
+@click.option("-c", "--ctx-size", "ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", type=int, default=None, help="Use at most this many chunks (default: all).")
+@_threads_option
+def kld(base_path, model_path, text_file, ctx, chunks, threads):
+    """KL divergence of MODEL from a BASE model (e.g. a quantization from its BF16 original) over a
+    text, with llama-perplexity's chunking: the second half of every --ctx-size chunk is compared.
+
+    Prints mean KLD (with standard error), its median / 99th percentile / maximum, how often the
+    two models' most likely tokens agree, and both perplexities.
+    """
+    import math
+
+    import numpy as np
+
+    from .model import Model
+
+    tokens, n_chunk, bos, first, m = _chunked_text(model_path, text_file, ctx, chunks, threads)
+    base = Model(base_path, threads=threads, n_ctx=ctx)
+    if base.config["n_vocab"] != m.config["n_vocab"]:
+        raise click.ClickException(
+            f"--base has {base.config['n_vocab']} tokens in its vocabulary, the model {m.config['n_vocab']}"
+        )
+    kls, same, nll_q, nll_b = [], [], [], []
+    for i in range(n_chunk):
+        chunk = tokens[i * ctx : (i + 1) * ctx]
+        if bos is not None:
+            chunk = [bos] + chunk[1:]
+        base.reset()
+        logits = base.eval(chunk)
+        m.reset()
+        kl, agree, nll, base_nll = m.kl_divergence(chunk, first, logits[first:])
+        kls.append(kl)
+        same.append(agree)
+        nll_q.append(nll)
+        nll_b.append(base_nll)
+        click.echo(f"[{i + 1}]{np.concatenate(kls).mean():.6f},", nl=False)
+        sys.stdout.flush()
+    kl = np.concatenate(kls)
+    agree = np.concatenate(same)
+    err = kl.std(ddof=1) / math.sqrt(kl.size) if kl.size > 1 else 0.0
+    ppl_b, ppl_q = (math.exp(np.concatenate(x).mean()) for x in (nll_b, nll_q))
+    click.echo("")
+    click.echo(f"Mean    KLD: {kl.mean():10.6f} +/- {err:.6f}")
+    click.echo(f"Median  KLD: {np.median(kl):10.6f}")
+    click.echo(f"99.0%   KLD: {np.percentile(kl, 99):10.6f}")
+    click.echo(f"Maximum KLD: {kl.max():10.6f}")
+    click.echo(f"Same top token: {100 * agree.mean():.3f} % of {agree.size}")
+    click.echo(f"PPL(base) = {ppl_b:.4f}   PPL(model) = {ppl_q:.4f}   ratio = {ppl_q / ppl_b:.5f}")
+
+
+def _chunked_text(model_path, text_file, ctx, chunks, threads, kv_type="f32", kv_type_v=None):
+    """The model and the text's tokens for llama-perplexity-style chunks: (tokens, number of
+    chunks, BOS id or None, first scored position, model)."""
     from .gguf_file import GGUFFile
     from .model import Model
     from .models import default_model_path
@@ -229,20 +305,4 @@ def perplexity(model_path, text_file, ctx, chunks, threads, kv_type, kv_type_v):
         raise click.ClickException(f"-f/--file: {text_file} has {len(tokens)} tokens; --ctx-size {ctx} needs {2 * ctx}")
     n_chunk = len(tokens) // ctx if chunks is None else min(chunks, len(tokens) // ctx)
     bos = m.tokenizer.bos_id if m.tokenizer.add_bos else None
-    first = ctx // 2
-    nll: list[np.ndarray] = []
-    click.echo(f"perplexity: {n_chunk} chunks of {ctx} tokens, scoring the last {ctx - first - 1} of each", err=True)
-    for i in range(n_chunk):
-        chunk = tokens[i * ctx : (i + 1) * ctx]
-        if bos is not None:
-            chunk = [bos] + chunk[1:]
-        m.reset()
-        nll.append(m.score(chunk, first))
-        click.echo(f"[{i + 1}]{math.exp(np.concatenate(nll).mean()):.4f},", nl=False)
-        sys.stdout.flush()
-    all_nll = np.concatenate(nll)
-    mean = float(all_nll.mean())
-    ppl = math.exp(mean)
-    var = float((all_nll**2).mean()) - mean * mean
-    err = ppl * math.sqrt(var / (all_nll.size - 1)) if var > 0 and all_nll.size > 1 else 0.0
-    click.echo(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f}")
+    return tokens, n_chunk, bos, ctx // 2, m

@@ -263,3 +263,42 @@ def test_logits_are_the_same_bits_without_simd(tiny_model, tokens, tmp_path, whi
     simd = pyqmoe.Model(path, n_ctx=64, threads=1).eval(tokens)
     scalar = np.load(out)
     assert (simd.view(np.uint32) == scalar.view(np.uint32)).all(), np.abs(simd - scalar).max()
+
+
+def test_kl_divergence_api_and_cli(tiny_model, tokens, tmp_path, data_dir):
+    from pyqmoe import _core
+
+    q8 = tmp_path / "tiny-q8_0.gguf"
+    _core.quantize_model(str(tiny_model), str(q8), "Q8_0", pure=True)
+    base, model = pyqmoe.Model(tiny_model, n_ctx=64), pyqmoe.Model(q8, n_ctx=64)
+    first = 8
+    logits_b = base.eval(tokens)
+    logits_q = model.eval(tokens)
+    model.reset()
+    kl, same, nll, nll_b = model.kl_divergence(tokens, first, logits_b[first:])
+
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        return x - x.max(1, keepdims=True) - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True))
+
+    lb, lq = log_softmax(logits_b[first:]), log_softmax(logits_q[first:])
+    want = (np.exp(lb) * (lb - lq)).sum(1)
+    np.testing.assert_allclose(kl, np.maximum(want, 0), rtol=1e-9, atol=1e-12)
+    assert (same == (logits_b[first:].argmax(1) == logits_q[first:].argmax(1))).all()
+    targets = np.array(tokens[first + 1 :])
+    np.testing.assert_allclose(nll, -lq[np.arange(len(targets)), targets], rtol=1e-9)
+    np.testing.assert_allclose(nll_b, -lb[np.arange(len(targets)), targets], rtol=1e-9)
+    assert kl.mean() > 0
+    base.reset()
+    kl0, same0, _, _ = base.kl_divergence(tokens, first, logits_b[first:])
+    assert (kl0 == 0).all() and same0.all()
+    with pytest.raises(ValueError, match="shape"):
+        model.kl_divergence(tokens, first, logits_b)
+
+    text = tmp_path / "text.txt"
+    text.write_text((data_dir / "tiny-corpus.txt").read_text() * 4)
+    p = run_cli("kld", "-b", tiny_model, "-m", q8, "-f", text, "-c", "32", "--chunks", "2")
+    assert p.returncode == 0, p.stderr
+    assert "Mean    KLD:" in p.stdout and "Same top token:" in p.stdout and "ratio =" in p.stdout
+    p = run_cli("kld", "-b", tiny_model, "-m", tiny_model, "-f", text, "-c", "32", "--chunks", "2")
+    assert "Mean    KLD:   0.000000" in p.stdout and "Same top token: 100.000 %" in p.stdout

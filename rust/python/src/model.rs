@@ -217,6 +217,63 @@ impl Engine {
         Ok(PyArray1::from_vec(py, nll))
     }
 
+    /// Evaluates `tokens` (after the cached ones) and compares the logits of positions first..n-1
+    /// with `base` ([n - first][vocab], another model's on the same tokens): per position the KL
+    /// divergence KL(base ‖ this) in nats and whether the arg-max tokens agree; plus the negative
+    /// log-likelihoods of tokens[first + 1..] under this model and under `base`.
+    #[pyo3(signature = (tokens, first, base))]
+    #[allow(clippy::type_complexity)]
+    fn kl_divergence<'py>(
+        &mut self,
+        py: Python<'py>,
+        tokens: Vec<u32>,
+        first: usize,
+        base: numpy::PyReadonlyArray2<'py, f32>,
+    ) -> PyResult<(
+        Bound<'py, PyArray1<f64>>,
+        Bound<'py, PyArray1<bool>>,
+        Bound<'py, PyArray1<f64>>,
+        Bound<'py, PyArray1<f64>>,
+    )> {
+        let vocab = self.model.config.n_vocab;
+        let n = tokens.len();
+        if first + 1 >= n {
+            return Err(PyValueError::new_err(format!(
+                "kl_divergence needs first + 1 < len(tokens), got first={first} with {n} tokens"
+            )));
+        }
+        let shape = numpy::PyUntypedArrayMethods::shape(base.as_untyped());
+        if shape != [n - first, vocab] {
+            return Err(PyValueError::new_err(format!(
+                "base logits have shape {shape:?}; expected [{}, {vocab}]",
+                n - first
+            )));
+        }
+        let base = base.as_slice()?.to_vec();
+        let logits = self
+            .run(py, |m, s| m.eval(s, &tokens, true))
+            .map_err(to_py)?;
+        let mine = &logits[first * vocab..];
+        let (stats, nll, nll_base) = py.detach(|| {
+            use pyqmoe_core::model::sampling::{kl_divergence, nll};
+            let targets = &tokens[first + 1..];
+            let rows = (n - 1 - first) * vocab;
+            (
+                kl_divergence(&base, mine, vocab),
+                nll(&mine[..rows], vocab, targets),
+                nll(&base[..rows], vocab, targets),
+            )
+        });
+        let kl: Vec<f64> = stats.iter().map(|s| s.0).collect();
+        let same: Vec<bool> = stats.iter().map(|s| s.1).collect();
+        Ok((
+            PyArray1::from_vec(py, kl),
+            PyArray1::from_vec(py, same),
+            PyArray1::from_vec(py, nll),
+            PyArray1::from_vec(py, nll_base),
+        ))
+    }
+
     /// Evaluates `tokens` and samples the next token from the last one's logits (no array copy).
     #[pyo3(signature = (tokens, sampler, history=vec![]))]
     fn eval_and_sample(

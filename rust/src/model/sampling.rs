@@ -224,8 +224,65 @@ pub fn nll(logits: &[f32], n_vocab: usize, targets: &[u32]) -> Vec<f64> {
         .collect()
 }
 
+/// Per token: KL(P_base ‖ P) in nats (f64) between the softmaxes of two logits rows, and whether
+/// both rows have the same arg-max (llama-perplexity's KL-divergence statistics).
+pub fn kl_divergence(base: &[f32], logits: &[f32], n_vocab: usize) -> Vec<(f64, bool)> {
+    assert_eq!(
+        base.len(),
+        logits.len(),
+        "base and logits of the same shape"
+    );
+    let log_softmax = |row: &[f32]| -> Vec<f64> {
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+        let lse = max
+            + row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        row.iter().map(|&v| v as f64 - lse).collect()
+    };
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            )
+            .0
+    };
+    base.chunks_exact(n_vocab)
+        .zip(logits.chunks_exact(n_vocab))
+        .map(|(b, q)| {
+            let (lb, lq) = (log_softmax(b), log_softmax(q));
+            let kl: f64 = lb.iter().zip(&lq).map(|(&x, &y)| x.exp() * (x - y)).sum();
+            (kl.max(0.0), argmax(b) == argmax(q))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod nll_tests {
+    #[test]
+    fn kl_of_equal_rows_is_zero_and_of_shifted_rows_is_known() {
+        let a = [1.0f32, 2.0, 3.0, 0.5];
+        let v = super::kl_divergence(&a, &a, 4);
+        assert_eq!(v, vec![(0.0, true)]);
+        // P = softmax(a), Q uniform: KL = Σ p log p + log 4
+        let u = [0.0f32; 4];
+        let z: f64 = a.iter().map(|&x| (x as f64).exp()).sum();
+        let want: f64 = a
+            .iter()
+            .map(|&x| {
+                let p = (x as f64).exp() / z;
+                p * p.ln()
+            })
+            .sum::<f64>()
+            + 4f64.ln();
+        let got = super::kl_divergence(&a, &u, 4);
+        assert!((got[0].0 - want).abs() < 1e-12 && !got[0].1);
+    }
+
     #[test]
     fn nll_of_uniform_and_peaked_rows() {
         let uniform = [0.5f32; 4];
