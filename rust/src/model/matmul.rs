@@ -255,12 +255,22 @@ fn f32_block(wrows: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
     }
 }
 
-/// The quantized counterpart: four tokens at a time meet each weight row, the rest one by one
-/// (four rows at a time where the type has such a kernel). Every result is bit-identical to
+/// The quantized counterpart: eight or four tokens at a time meet each weight row, the rest one
+/// by one (four rows at a time where the type has such a kernel). Every result is bit-identical to
 /// `vec_dot` of its row and token.
 fn quantized_block(wrows: &[&[u8]], xs: &[&[u8]], out: &mut [f32], k: &vec_dot::DotKernels) {
     let n_tok = xs.len();
     let mut t = 0;
+    if let Some(x8) = k.vec_dot_x8 {
+        while t + 8 <= n_tok {
+            let oct: [&[u8]; 8] = std::array::from_fn(|j| xs[t + j]);
+            for (i, wr) in wrows.iter().enumerate() {
+                let v = x8(wr, oct);
+                out[i * n_tok + t..i * n_tok + t + 8].copy_from_slice(&v);
+            }
+            t += 8;
+        }
+    }
     while t + 4 <= n_tok {
         let quad = [xs[t], xs[t + 1], xs[t + 2], xs[t + 3]];
         for (i, wr) in wrows.iter().enumerate() {

@@ -75,6 +75,7 @@ fn scalar<B: IqBlock>() -> DotKernels {
         vec_dot: vec_dot_scalar::<B>,
         vec_dot_x4: vec_dot_x4_scalar::<B>,
         vec_dot_4rows: None,
+        vec_dot_x8: None,
     }
 }
 

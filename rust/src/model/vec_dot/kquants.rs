@@ -23,7 +23,7 @@
 // Index loops over the sub-blocks mirror the block layouts.
 #![allow(clippy::needless_range_loop)]
 
-use super::{quantize_act_q8_k, DotKernels, Rows4Fn};
+use super::{quantize_act_q8_k, DotKernels, Rows4Fn, X8Fn};
 use crate::quant::kquants::{get_scale_min_k4, q3_k::scale_at, read_f16, QK_K};
 use crate::types::GgmlType;
 
@@ -45,6 +45,7 @@ fn dot_kernels(
     vec_dot: fn(&[u8], &[u8]) -> f32,
     vec_dot_x4: fn(&[u8], [&[u8]; 4]) -> [f32; 4],
     vec_dot_4rows: Option<Rows4Fn>,
+    vec_dot_x8: Option<X8Fn>,
 ) -> DotKernels {
     DotKernels {
         act_type: GgmlType::Q8_K,
@@ -52,13 +53,14 @@ fn dot_kernels(
         vec_dot,
         vec_dot_x4,
         vec_dot_4rows,
+        vec_dot_x8,
     }
 }
 
 /// The portable kernels (also the reference the AVX2 ones are tested against, bit for bit).
 pub fn scalar_kernels(ty: GgmlType) -> Option<DotKernels> {
     fn of<B: KBlock>() -> DotKernels {
-        dot_kernels(vec_dot_scalar::<B>, vec_dot_x4_scalar::<B>, None)
+        dot_kernels(vec_dot_scalar::<B>, vec_dot_x4_scalar::<B>, None, None)
     }
     Some(match ty {
         GgmlType::Q2_K => of::<Q2K>(),
@@ -82,26 +84,31 @@ fn avx2_kernels(ty: GgmlType) -> Option<DotKernels> {
             |w, a| unsafe { avx2::dot_q2_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q2_k::<4>(w, a) },
             Some(|w, a| unsafe { avx2::rows4_q2_k(w, a) }),
+            Some(|w, a| unsafe { avx2::dot_q2_k::<8>(w, a) }),
         ),
         GgmlType::Q3_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q3_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q3_k::<4>(w, a) },
             None,
+            Some(|w, a| unsafe { avx2::dot_q3_k::<8>(w, a) }),
         ),
         GgmlType::Q4_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q4_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q4_k::<4>(w, a) },
             Some(|w, a| unsafe { avx2::rows4_q4_k(w, a) }),
+            Some(|w, a| unsafe { avx2::dot_q4_k::<8>(w, a) }),
         ),
         GgmlType::Q5_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q5_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q5_k::<4>(w, a) },
             Some(|w, a| unsafe { avx2::rows4_q5_k(w, a) }),
+            Some(|w, a| unsafe { avx2::dot_q5_k::<8>(w, a) }),
         ),
         GgmlType::Q6_K => dot_kernels(
             |w, a| unsafe { avx2::dot_q6_k::<1>(w, [a])[0] },
             |w, a| unsafe { avx2::dot_q6_k::<4>(w, a) },
             None,
+            Some(|w, a| unsafe { avx2::dot_q6_k::<8>(w, a) }),
         ),
         _ => return None,
     })
@@ -660,13 +667,13 @@ mod avx2 {
         ($name:ident, $bytes:expr, $prep:ident, $chunk:ident, $mins:expr, $off_shift:expr) => {
             #[target_feature(enable = "avx2,fma,f16c")]
             pub unsafe fn $name<const R: usize>(w: &[u8], a: [&[u8]; R]) -> [f32; R] {
-                const { assert!(R == 1 || R == 4) };
+                const { assert!(R == 1 || R == 4 || R == 8) };
                 let n = w.len() / $bytes;
                 for ar in &a {
                     assert!(ar.len() >= n * ACT_BYTES, "activation row too short");
                 }
                 let zero = _mm256_setzero_si256();
-                let mut acc = _mm_setzero_ps();
+                let mut acc = [_mm_setzero_ps(); 2];
                 for blk in 0..n {
                     // SAFETY: block `blk` < n lies inside w and inside every row (asserted).
                     let wb = w.as_ptr().add(blk * $bytes);
@@ -694,36 +701,43 @@ mod avx2 {
                             sums[r] = _mm256_sub_epi32(sums[r], off);
                         }
                     }
-                    let (s, m) = if R == 1 {
-                        let x = reduce4([sums[0], mins[0], zero, zero]);
-                        (x, _mm_shuffle_epi32::<1>(x))
-                    } else {
-                        let pad = |v: &[__m256i; R]| std::array::from_fn(|r| v[r]);
-                        let s = reduce4(pad(&sums));
-                        let m = if $mins {
-                            reduce4(pad(&mins))
+                    // lanes in groups of four (R = 8: two groups), each lane `kdot`'s own steps
+                    for g in 0..R.div_ceil(4) {
+                        let (s, m) = if R == 1 {
+                            let x = reduce4([sums[0], mins[0], zero, zero]);
+                            (x, _mm_shuffle_epi32::<1>(x))
                         } else {
-                            _mm_setzero_si128()
+                            let pick = |v: &[__m256i; R]| std::array::from_fn(|i| v[4 * g + i]);
+                            let s = reduce4(pick(&sums));
+                            let m = if $mins {
+                                reduce4(pick(&mins))
+                            } else {
+                                _mm_setzero_si128()
+                            };
+                            (s, m)
                         };
-                        (s, m)
-                    };
-                    let mut da = [0f32; 4];
-                    for r in 0..R {
-                        da[r] = f32::from_le_bytes(*(ab[r] as *const [u8; 4]));
-                    }
-                    let da = _mm_loadu_ps(da.as_ptr());
-                    // block_float's operations, lane by lane
-                    let main =
-                        _mm_mul_ps(_mm_mul_ps(da, _mm_set1_ps(common.d)), _mm_cvtepi32_ps(s));
-                    if $mins {
-                        let dm = _mm_mul_ps(da, _mm_set1_ps(common.dmin));
-                        acc = _mm_add_ps(acc, _mm_sub_ps(main, _mm_mul_ps(dm, _mm_cvtepi32_ps(m))));
-                    } else {
-                        acc = _mm_add_ps(acc, main);
+                        let mut da = [0f32; 4];
+                        for (r, dr) in da.iter_mut().enumerate().take(R.min(4)) {
+                            *dr = f32::from_le_bytes(*(ab[4 * g + r] as *const [u8; 4]));
+                        }
+                        let da = _mm_loadu_ps(da.as_ptr());
+                        // block_float's operations, lane by lane
+                        let main =
+                            _mm_mul_ps(_mm_mul_ps(da, _mm_set1_ps(common.d)), _mm_cvtepi32_ps(s));
+                        if $mins {
+                            let dm = _mm_mul_ps(da, _mm_set1_ps(common.dmin));
+                            acc[g] = _mm_add_ps(
+                                acc[g],
+                                _mm_sub_ps(main, _mm_mul_ps(dm, _mm_cvtepi32_ps(m))),
+                            );
+                        } else {
+                            acc[g] = _mm_add_ps(acc[g], main);
+                        }
                     }
                 }
-                let mut out = [0f32; 4];
-                _mm_storeu_ps(out.as_mut_ptr(), acc);
+                let mut out = [0f32; 8];
+                _mm_storeu_ps(out.as_mut_ptr(), acc[0]);
+                _mm_storeu_ps(out.as_mut_ptr().add(4), acc[1]);
                 std::array::from_fn(|r| out[r])
             }
         };
@@ -1227,6 +1241,37 @@ mod tests {
 
     /// 4rows == vec_dot bit for bit, lane by lane, on random and adversarial rows; and the check
     /// itself catches a kernel that swaps two rows.
+    #[test]
+    fn x8_matches_vec_dot_bit_for_bit() {
+        for ty in [
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            let Some(k) = kernels(ty) else { continue };
+            let Some(x8) = k.vec_dot_x8 else {
+                assert!(
+                    !crate::quant::cpu::features().avx2,
+                    "{ty}: AVX2 kernels have an x8 variant"
+                );
+                continue;
+            };
+            for n in [256, 2816] {
+                let acts: Vec<Vec<u8>> = act_rows(n).into_iter().map(|(_, a)| a).collect();
+                let oct: [&[u8]; 8] = std::array::from_fn(|j| &acts[j % acts.len()][..]);
+                for (name, w) in weight_rows(ty, n) {
+                    let got = x8(&w, oct);
+                    for (j, g) in got.iter().enumerate() {
+                        let want = (k.vec_dot)(&w, oct[j]);
+                        assert_eq!(g.to_bits(), want.to_bits(), "{ty} n={n} {name} lane {j}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn rows4_matches_vec_dot_bit_for_bit() {
         let f = crate::quant::cpu::features();

@@ -29,7 +29,13 @@ pub struct DotKernels {
     /// Four weight rows against one activation row, each bit-identical to `vec_dot` (for
     /// generation, where there is one token); None: `vec_dot` row by row.
     pub vec_dot_4rows: Option<Rows4Fn>,
+    /// One weight row against eight activation rows, each bit-identical to `vec_dot` (prompt
+    /// batches: the weight blocks are decoded once per 8 tokens); None: `vec_dot_x4`.
+    pub vec_dot_x8: Option<X8Fn>,
 }
+
+/// One weight row against eight quantized activation rows.
+pub type X8Fn = fn(&[u8], [&[u8]; 8]) -> [f32; 8];
 
 impl DotKernels {
     /// Bytes of one quantized activation row of `n_cols` values.
@@ -48,6 +54,7 @@ pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
             vec_dot: vec_dot_q8_0,
             vec_dot_x4: vec_dot_q8_0_x4,
             vec_dot_4rows: q8_0_4rows(),
+            vec_dot_x8: None,
         });
     }
     if let Some((act_bytes, quantize_act, vec_dot, vec_dot_x4)) = legacy_kernels(ty) {
@@ -62,6 +69,7 @@ pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
             vec_dot,
             vec_dot_x4,
             vec_dot_4rows: None,
+            vec_dot_x8: None,
         });
     }
     kquants::kernels(ty).or_else(|| iquants::kernels(ty))

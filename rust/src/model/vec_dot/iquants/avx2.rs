@@ -75,6 +75,7 @@ pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
         vec_dot,
         vec_dot_x4,
         vec_dot_4rows: None,
+        vec_dot_x8: None,
     })
 }
 
