@@ -302,3 +302,17 @@ def test_kl_divergence_api_and_cli(tiny_model, tokens, tmp_path, data_dir):
     assert "Mean    KLD:" in p.stdout and "Same top token:" in p.stdout and "ratio =" in p.stdout
     p = run_cli("kld", "-b", tiny_model, "-m", tiny_model, "-f", text, "-c", "32", "--chunks", "2")
     assert "Mean    KLD:   0.000000" in p.stdout and "Same top token: 100.000 %" in p.stdout
+
+
+def test_dump_dir_writes_named_intermediates(tiny_model, tmp_path):
+    """PYQMOE_DUMP_DIR (debugging against llama.cpp's graph) writes the last token's row of each
+    named intermediate."""
+    script = "import sys, pyqmoe; pyqmoe.Model(sys.argv[1], n_ctx=16).eval([1, 2, 3])"
+    env = dict(__import__("os").environ, PYQMOE_DUMP_DIR=str(tmp_path))
+    p = subprocess.run([sys.executable, "-c", script, str(tiny_model)], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    m = pyqmoe.Model(tiny_model, n_ctx=16)
+    n_embd = m.config["n_embd"]
+    names = {f.name for f in tmp_path.iterdir()}
+    assert {"attn_norm-0.f32", "kqv_out-0.f32", "l_out-0.f32", "result_norm.f32"} <= names
+    assert (tmp_path / "l_out-0.f32").stat().st_size == 4 * n_embd

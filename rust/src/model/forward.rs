@@ -19,11 +19,13 @@ use super::Model;
 
 /// Debugging aid: with PYQMOE_DUMP_DIR set, the last row of named intermediates is written there as
 /// raw little-endian f32 (`NAME.f32`, names as in llama.cpp's graph; see scripts/llamacpp_tensors.py).
-fn dump(name: &str, rows: &[f32], width: usize) {
+/// The name is built only when dumping is on.
+fn dump(name: impl FnOnce() -> String, rows: &[f32], width: usize) {
     static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
     let Some(dir) = DIR.get_or_init(|| std::env::var_os("PYQMOE_DUMP_DIR").map(Into::into)) else {
         return;
     };
+    let name = name();
     let last = &rows[rows.len() - width..];
     let bytes: Vec<u8> = last.iter().flat_map(|v| v.to_le_bytes()).collect();
     let _ = std::fs::write(dir.join(format!("{name}.f32")), bytes);
@@ -269,7 +271,7 @@ impl Model {
             for (o, xr) in h.chunks_exact_mut(e).zip(x[first * e..].chunks_exact(e)) {
                 ops::rms_norm(xr, &self.weights.output_norm, c.rms_eps, o);
             }
-            dump("result_norm", &h, e);
+            dump(|| "result_norm".into(), &h, e);
             let mut out = vec![0f32; n_out * c.n_vocab];
             matmul(&self.mat(&self.weights.output), &h, n_out, &mut out);
             logits.extend_from_slice(&out);
@@ -294,7 +296,7 @@ impl Model {
 
         // attention block: norm, projections
         let h = rms_norm_rows(x, &layer.attn_norm, c.rms_eps);
-        dump(&format!("attn_norm-{il}"), &h, e);
+        dump(|| format!("attn_norm-{il}"), &h, e);
         let mut q = vec![0f32; n * c.n_head * hk];
         let mut k = vec![0f32; n * kv.k_width];
         let mut v = vec![0f32; n * kv.v_width];
@@ -310,17 +312,17 @@ impl Model {
         // QK-norm: RMSNorm of every head of Q and K, then rotary embeddings.
         ops::rms_norm_rows_in_place(&mut q, &layer.attn_q_norm, c.rms_eps);
         ops::rms_norm_rows_in_place(&mut k, &layer.attn_k_norm, c.rms_eps);
-        dump(&format!("Qcur_normed-{il}"), &q, c.n_head * hk);
-        dump(&format!("Kcur_normed-{il}"), &k, kv.k_width);
-        dump(&format!("Vcur-{il}"), &v, kv.v_width);
+        dump(|| format!("Qcur_normed-{il}"), &q, c.n_head * hk);
+        dump(|| format!("Kcur_normed-{il}"), &k, kv.k_width);
+        dump(|| format!("Vcur-{il}"), &v, kv.v_width);
         for t in 0..n {
             let (cos, sin) = &rope[t];
             ops::rope_neox_in_place(&mut q[t * c.n_head * hk..(t + 1) * c.n_head * hk], cos, sin);
             ops::rope_neox_in_place(&mut k[t * kv.k_width..(t + 1) * kv.k_width], cos, sin);
         }
 
-        dump(&format!("Qcur-{il}"), &q, c.n_head * hk);
-        dump(&format!("Kcur-{il}"), &k, kv.k_width);
+        dump(|| format!("Qcur-{il}"), &q, c.n_head * hk);
+        dump(|| format!("Kcur-{il}"), &k, kv.k_width);
         // Append this batch's keys and values to the cache, then attend over positions 0..=pos.
         kv.k[il].write(pos0 * kv.k_width, &k);
         kv.v[il].write(pos0 * kv.v_width, &v);
@@ -340,7 +342,7 @@ impl Model {
             },
         );
 
-        dump(&format!("kqv_out-{il}"), &attn, c.n_head * hv);
+        dump(|| format!("kqv_out-{il}"), &attn, c.n_head * hv);
         // output projection + residual
         let mut o = vec![0f32; n * e];
         if let Some(col) = collector.as_deref_mut() {
@@ -348,11 +350,11 @@ impl Model {
         }
         matmul(&self.mat(&layer.attn_output), &attn, n, &mut o);
         add_in_place(x, &o);
-        dump(&format!("ffn_inp-{il}"), x, e);
+        dump(|| format!("ffn_inp-{il}"), x, e);
 
         // feed-forward block + residual
         let h = rms_norm_rows(x, &layer.ffn_norm, c.rms_eps);
-        dump(&format!("ffn_norm-{il}"), &h, e);
+        dump(|| format!("ffn_norm-{il}"), &h, e);
         let f = match &layer.ffn {
             Ffn::Moe {
                 gate_inp,
@@ -367,9 +369,9 @@ impl Model {
                 collector.map(|c| (c, None)),
             ),
         };
-        dump(&format!("ffn_moe_out-{il}"), &f, e);
+        dump(|| format!("ffn_moe_out-{il}"), &f, e);
         add_in_place(x, &f);
-        dump(&format!("l_out-{il}"), x, e);
+        dump(|| format!("l_out-{il}"), x, e);
     }
 
     /// Sparse MoE: route each token to its top-k experts, then run every selected expert once over
@@ -388,7 +390,7 @@ impl Model {
             col.dense(&gate_inp.name, h, e);
         }
         matmul(&self.mat(gate_inp), h, n, &mut router);
-        dump("ffn_moe_logits", &router, c.n_expert);
+        dump(|| "ffn_moe_logits".into(), &router, c.n_expert);
 
         // tokens_of[expert] = [(token, rank among the token's experts, weight)]
         let k = c.n_expert_used;
