@@ -309,7 +309,9 @@ def test_dump_dir_writes_named_intermediates(tiny_model, tmp_path):
     named intermediate."""
     script = "import sys, pyqmoe; pyqmoe.Model(sys.argv[1], n_ctx=16).eval([1, 2, 3])"
     env = dict(__import__("os").environ, PYQMOE_DUMP_DIR=str(tmp_path))
-    p = subprocess.run([sys.executable, "-c", script, str(tiny_model)], capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_model)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert p.returncode == 0, p.stderr
     m = pyqmoe.Model(tiny_model, n_ctx=16)
     n_embd = m.config["n_embd"]
