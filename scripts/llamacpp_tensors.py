@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +22,7 @@ def main() -> int:
     from llama_cpp import llama_cpp as low
 
     path, toks, out = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], sys.argv[3]
-    base = ctypes.CDLL(str(__import__("pathlib").Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
     base.ggml_get_name.restype = ctypes.c_char_p
     base.ggml_get_name.argtypes = [ctypes.c_void_p]
     tensors: dict[str, np.ndarray] = {}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -251,7 +252,7 @@ def test_logits_are_the_same_bits_without_simd(tiny_model, tokens, tmp_path, whi
         "np.save(sys.argv[2], m.eval([int(t) for t in sys.argv[3].split(',')]))"
     )
     out = tmp_path / "scalar.npy"
-    env = dict(__import__("os").environ, PYQMOE_NO_SIMD="1")
+    env = dict(os.environ, PYQMOE_NO_SIMD="1")
     p = subprocess.run(
         [sys.executable, "-c", script, str(path), str(out), ",".join(map(str, tokens))],
         capture_output=True,
@@ -308,7 +309,7 @@ def test_dump_dir_writes_named_intermediates(tiny_model, tmp_path):
     """PYQMOE_DUMP_DIR (debugging against llama.cpp's graph) writes the last token's row of each
     named intermediate."""
     script = "import sys, pyqmoe; pyqmoe.Model(sys.argv[1], n_ctx=16).eval([1, 2, 3])"
-    env = dict(__import__("os").environ, PYQMOE_DUMP_DIR=str(tmp_path))
+    env = dict(os.environ, PYQMOE_DUMP_DIR=str(tmp_path))
     p = subprocess.run(
         [sys.executable, "-c", script, str(tiny_model)], capture_output=True, text=True, env=env, cwd=tmp_path
     )

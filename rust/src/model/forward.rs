@@ -504,6 +504,7 @@ fn attention(q: &[f32], keys: &[f32], values: &[f32], s: AttnShape) -> Vec<f32> 
     let (kw, vw) = (s.n_head_kv * hk, s.n_head_kv * hv);
     let n = q.len() / (s.n_head * hk);
     let scale = 1.0 / (hk as f32).sqrt();
+    let dot_kq = dot_kq_fn();
     let mut out = vec![0f32; n * s.n_head * hv];
     out.par_chunks_mut(hv).enumerate().for_each(|(i, o)| {
         let (t, h) = (i / s.n_head, i % s.n_head);
@@ -525,13 +526,14 @@ fn attention(q: &[f32], keys: &[f32], values: &[f32], s: AttnShape) -> Vec<f32> 
 /// q·k summed in the order of llama.cpp's CPU kernel for its KQ product (matched against its
 /// outputs): 4 accumulators of 8 lanes over steps of 32, products rounded before adding, the
 /// accumulators added as (0+2)+(1+3), the lanes pairwise, then any tail in order.
-fn dot_kq(q: &[f32], k: &[f32]) -> f32 {
+/// Chosen for the CPU once per attention call rather than per key.
+fn dot_kq_fn() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if crate::quant::cpu::features().avx2 {
         // SAFETY: AVX2 is present (checked just above).
-        return unsafe { dot_kq_avx2(q, k) };
+        return |q, k| unsafe { dot_kq_avx2(q, k) };
     }
-    dot_kq_scalar(q, k)
+    dot_kq_scalar
 }
 
 /// `dot_kq_scalar` with the four accumulators in AVX registers (the same operations).
@@ -661,7 +663,7 @@ mod tests {
         let b = crate::quant::testdata::heavy_tailed(42, 200);
         for n in [0, 5, 32, 64, 100, 128, 200] {
             assert_eq!(
-                dot_kq(&a[..n], &b[..n]).to_bits(),
+                dot_kq_fn()(&a[..n], &b[..n]).to_bits(),
                 dot_kq_scalar(&a[..n], &b[..n]).to_bits(),
                 "n={n}"
             );

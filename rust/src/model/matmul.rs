@@ -386,10 +386,12 @@ mod avx2 {
             let xv = _mm256_loadu_ps(x.add(i));
             for r in 0..4 {
                 let p = w[r].add(2 * i);
-                // as the Q8_0 generation kernel: far-ahead software prefetch; cannot fault
-                _mm_prefetch::<_MM_HINT_T0>(
-                    p.wrapping_add(super::super::vec_dot::PREFETCH_AHEAD) as *const i8
-                );
+                if i % 32 == 0 {
+                    // as the quantized generation kernels: far ahead, once per cache line
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        p.wrapping_add(super::super::vec_dot::PREFETCH_AHEAD) as *const i8,
+                    );
+                }
                 let h = _mm_loadu_si128(p as *const __m128i);
                 let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
                 acc[r] = _mm256_fmadd_ps(wv, xv, acc[r]);

@@ -648,21 +648,9 @@ mod avx2 {
         _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c))
     }
 
-    /// One kernel per type for R = 1 or 4 activation rows. `$mins`: the bsums term is a min
+    /// One kernel per type for R = 1, 4 or 8 activation rows. `$mins`: the bsums term is a min
     /// term of its own; otherwise it is the level offset, subtracted as sumi −= off·Σ sc·bsum
     /// with off = 2^`$off_shift`.
-    /// Prefetches the weight block `PREFETCH_AHEAD` bytes past `wb`, every cache line of it (the
-    /// hardware prefetcher alone falls far behind on short rows; see vec_dot::PREFETCH_AHEAD).
-    #[inline(always)]
-    unsafe fn prefetch_block(wb: *const u8, bytes: usize) {
-        let p = wb.wrapping_add(super::super::PREFETCH_AHEAD);
-        let mut off = 0;
-        while off < bytes {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
-            off += 64;
-        }
-    }
-
     macro_rules! kdot {
         ($name:ident, $bytes:expr, $prep:ident, $chunk:ident, $mins:expr, $off_shift:expr) => {
             #[target_feature(enable = "avx2,fma,f16c")]
@@ -677,7 +665,7 @@ mod avx2 {
                 for blk in 0..n {
                     // SAFETY: block `blk` < n lies inside w and inside every row (asserted).
                     let wb = w.as_ptr().add(blk * $bytes);
-                    prefetch_block(wb, $bytes);
+                    super::super::prefetch_block(wb, $bytes);
                     let ab: [*const u8; R] =
                         std::array::from_fn(|r| a[r].as_ptr().add(blk * ACT_BYTES));
                     let (st, common) = $prep(wb);
@@ -764,7 +752,7 @@ mod avx2 {
                     // row (asserted above).
                     let ab = a.as_ptr().add(blk * ACT_BYTES);
                     for wr in &w {
-                        prefetch_block(wr.as_ptr().add(blk * $bytes), $bytes);
+                        super::super::prefetch_block(wr.as_ptr().add(blk * $bytes), $bytes);
                     }
                     let (s0, c0) = $prep(w[0].as_ptr().add(blk * $bytes));
                     let (s1, c1) = $prep(w[1].as_ptr().add(blk * $bytes));
@@ -855,7 +843,7 @@ mod avx2 {
                     let mut d = [0f32; 4];
                     let mut dmin = [0f32; 4];
                     for r in 0..4 {
-                        prefetch_block(w[r].as_ptr().add(blk * $bytes), $bytes);
+                        super::super::prefetch_block(w[r].as_ptr().add(blk * $bytes), $bytes);
                         let (st, common) = $prep(w[r].as_ptr().add(blk * $bytes));
                         let mut sum = zero;
                         for c in 0..8 {

@@ -625,18 +625,6 @@ unsafe fn act_d(a: *const u8) -> f32 {
 // (1-row kernel, 4-row kernel, block bytes, d, chunk decoder, FACTOR). The callers' slices are
 // checked here, so the raw-pointer reads below stay in bounds: n whole weight blocks, and at least
 // n Q8_K blocks in every activation row.
-/// Prefetches the weight block `PREFETCH_AHEAD` bytes past `wb`, every cache line of it (the
-/// hardware prefetcher alone falls far behind on short rows; see vec_dot::PREFETCH_AHEAD).
-#[inline(always)]
-unsafe fn prefetch_block(wb: *const u8, bytes: usize) {
-    let p = wb.wrapping_add(super::super::PREFETCH_AHEAD);
-    let mut off = 0;
-    while off < bytes {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
-        off += 64;
-    }
-}
-
 macro_rules! kernels {
     ($dot:ident, $dot_x4:ident, $bytes:expr, $prep:ident, $chunk:ident, $extra:ident, $factor:expr) => {
         /// SAFETY: the CPU must have AVX2, FMA and F16C.
@@ -657,7 +645,7 @@ macro_rules! kernels {
                 .enumerate()
             {
                 let qa = ab.as_ptr().add(Q8K_QS);
-                prefetch_block(wb.as_ptr(), $bytes);
+                super::super::prefetch_block(wb.as_ptr(), $bytes);
                 let p = next;
                 if i + 1 < n {
                     next = $prep(&w[(i + 1) * $bytes..(i + 2) * $bytes]);
