@@ -104,12 +104,23 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
         return;
     }
     let row_bytes = w.row_bytes();
-    let block = rows_per_block(n_rows, n_cols);
+    let mut kernel = row_kernel(w.ty);
+    // k-quant batches: the VNNI 16-row GEMM where the CPU has it, writing token-major chunks
+    let gemm16 = match kernel {
+        RowKernel::Quantized(_) if n_tok >= 4 => vec_dot::kquant_gemm16(w.ty),
+        _ => None,
+    };
+    let token_major = gemm16.is_some();
+    let block = if token_major {
+        (n_rows / rayon::current_num_threads() / 2 / 16 * 16).clamp(16, 64)
+    } else {
+        rows_per_block(n_rows, n_cols)
+    };
     // Each task writes its rows for all tokens into its own slice of a row-major [n_rows][n_tok]
-    // buffer; one transpose at the end gives [n_tok][n_rows].
+    // buffer (token-major [n_tok][rows] for the GEMM); a transpose or copy at the end gives
+    // [n_tok][n_rows].
     let mut yt = vec![0f32; n_rows * n_tok];
     let xs: Vec<&[f32]> = x.chunks_exact(n_cols).collect();
-    let mut kernel = row_kernel(w.ty);
     let in_place = match kernel {
         RowKernel::F32InPlace => as_f32s(w.data),
         _ => None,
@@ -137,6 +148,10 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
                     let r0 = b * block;
                     let rows = &w.data[r0 * row_bytes..(r0 + out.len() / n_tok) * row_bytes];
                     let wrows: Vec<&[u8]> = rows.chunks_exact(row_bytes).collect();
+                    if let Some(g) = gemm16 {
+                        gemm16_block(g, rows, row_bytes, &xqs, out, &k);
+                        return;
+                    }
                     // Q8_0 batches: 2-row × 4-token tiles (bit-identical to the per-row kernels)
                     let tiled = q8_0_tiles && vec_dot::q8_0_gemm(&wrows, &xqs, &da, out);
                     if !tiled {
@@ -200,6 +215,14 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
     }
     if n_tok == 1 {
         y.copy_from_slice(&yt);
+    } else if token_major {
+        // each task's chunk is [n_tok][its rows]: copy row runs into place
+        for (b, chunk) in yt.chunks(block * n_tok).enumerate() {
+            let nr = chunk.len() / n_tok;
+            for (t, run) in chunk.chunks_exact(nr).enumerate() {
+                y[t * n_rows + b * block..t * n_rows + b * block + nr].copy_from_slice(run);
+            }
+        }
     } else {
         // [n_rows][n_tok] -> [n_tok][n_rows] in 16×16 tiles (cache-friendly on both sides)
         const TILE: usize = 16;
@@ -252,6 +275,42 @@ fn f32_block(wrows: &[&[f32]], xs: &[&[f32]], out: &mut [f32]) {
             r += rn;
         }
         t += tn;
+    }
+}
+
+/// `rows` (whole rows) against every token with the 16-row GEMM, into `out` as [n_tok][rows];
+/// a tail of fewer than 16 rows goes through `quantized_block` (the same bits either way).
+fn gemm16_block(
+    g: vec_dot::Gemm16Fn,
+    rows: &[u8],
+    row_bytes: usize,
+    xs: &[&[u8]],
+    out: &mut [f32],
+    k: &vec_dot::DotKernels,
+) {
+    let n_tok = xs.len();
+    let nr = rows.len() / row_bytes;
+    let groups = nr / 16;
+    for gi in 0..groups {
+        g(
+            &rows[gi * 16 * row_bytes..],
+            row_bytes,
+            xs,
+            &mut out[gi * 16..],
+            nr,
+        );
+    }
+    if groups * 16 < nr {
+        let tail: Vec<&[u8]> = rows[groups * 16 * row_bytes..]
+            .chunks_exact(row_bytes)
+            .collect();
+        let mut buf = vec![0f32; tail.len() * n_tok];
+        quantized_block(&tail, xs, &mut buf, k);
+        for (i, row) in buf.chunks_exact(n_tok).enumerate() {
+            for (t, &v) in row.iter().enumerate() {
+                out[t * nr + groups * 16 + i] = v;
+            }
+        }
     }
 }
 
@@ -548,6 +607,53 @@ mod tests {
                 let tol = if ty.is_float() { 1e-5 } else { 2e-2 };
                 for (a, b) in y.iter().zip(&want) {
                     assert!((a - b).abs() <= tol * scale, "{ty}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// Whatever path a batch takes (x8/x4 tiles, Q8_0 tiles, the VNNI 16-row GEMM with its tail
+    /// rows and token-major assembly), every output is `vec_dot` of its row and token, bit for bit.
+    #[test]
+    fn batched_quantized_matmul_equals_vec_dot_per_row_and_token() {
+        let n_cols = 512;
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::Q2_K,
+            GgmlType::IQ4_XS,
+        ] {
+            let k = vec_dot::kernels(ty).unwrap();
+            for n_rows in [16, 37, 160] {
+                let w = testdata::heavy_tailed(11, n_rows * n_cols);
+                let raw = quant::quantize("w", &w, n_cols, ty, None).unwrap();
+                let m = Mat {
+                    name: "w",
+                    data: &raw,
+                    ty,
+                    n_cols,
+                    n_rows,
+                };
+                let rb = m.row_bytes();
+                for n_tok in [1, 4, 7, 33] {
+                    let x = testdata::gaussian(12, n_tok * n_cols);
+                    let mut y = vec![f32::NAN; n_tok * n_rows];
+                    matmul(&m, &x, n_tok, &mut y);
+                    let mut q = vec![0u8; k.act_row_bytes(n_cols)];
+                    for t in 0..n_tok {
+                        (k.quantize_act)(&x[t * n_cols..(t + 1) * n_cols], &mut q);
+                        for r in 0..n_rows {
+                            let want = (k.vec_dot)(&raw[r * rb..(r + 1) * rb], &q);
+                            let got = y[t * n_rows + r];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{ty} rows {n_rows} tokens {n_tok}: r{r} t{t}"
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -11,6 +11,8 @@ use crate::quant::cpu;
 use crate::types::GgmlType;
 
 mod iquants;
+#[cfg(target_arch = "x86_64")]
+pub mod kgemm;
 mod kquants;
 
 /// Four weight rows against one quantized activation row.
@@ -36,6 +38,22 @@ pub struct DotKernels {
 
 /// One weight row against eight quantized activation rows.
 pub type X8Fn = fn(&[u8], [&[u8]; 8]) -> [f32; 8];
+
+/// 16 consecutive weight rows (`row_bytes` apart) against a batch of quantized activation rows:
+/// out[t · out_stride + r], each bit-identical to `vec_dot` of row r and token t.
+pub type Gemm16Fn =
+    fn(w: &[u8], row_bytes: usize, xs: &[&[u8]], out: &mut [f32], out_stride: usize);
+
+/// The 16-row prompt GEMM for `ty` where the CPU has one (AVX512-VNNI: Q4_K, Q5_K, Q6_K).
+pub fn kquant_gemm16(ty: GgmlType) -> Option<Gemm16Fn> {
+    #[cfg(target_arch = "x86_64")]
+    return kgemm::gemm16(ty);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        None
+    }
+}
 
 impl DotKernels {
     /// Bytes of one quantized activation row of `n_cols` values.

@@ -1,0 +1,576 @@
+//! Prompt-batch GEMM for k-quant weights (Q4_K, Q5_K, Q6_K) against Q8_K activations with
+//! AVX512-VNNI: 16 weight rows × 4 tokens per register tile.
+//!
+//! Each weight super-block of 16 consecutive rows is decoded once into an interleaved form —
+//! register s holds, in lane r, row r's four levels 4s..4s+4 as unsigned bytes — so one
+//! `vpdpbusd` against a broadcast dword of a token's activations adds four products to each of
+//! the 16 rows. The decode (gathers across the rows) is paid once per block per batch, the dot
+//! products once per token, which is where ggml's repacked layouts get their speed without
+//! changing the file.
+//!
+//! The results are bit-identical to `kquants::vec_dot` of the same row and token: per super-block
+//! the integers sumi and summ are exact (int32 sums in any order are the same value) and the float
+//! step is `block_float`'s, lane for lane.
+
+// Index loops over rows, steps and sub-blocks mirror the block layouts.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::Gemm16Fn;
+use crate::quant::cpu;
+use crate::types::GgmlType;
+
+/// One Q8_K block: d (f32) | qs[256] (i8) | bsums[16] (i16).
+const ACT_BYTES: usize = 292;
+const ACT_QS: usize = 4;
+const ACT_BSUMS: usize = 260;
+
+/// Rows one call multiplies.
+pub const ROWS: usize = 16;
+
+/// The 16-row GEMM for `ty`, where the CPU has AVX512-F/BW/VNNI and the type has one.
+pub fn gemm16(ty: GgmlType) -> Option<Gemm16Fn> {
+    let f = cpu::features();
+    if !(f.avx512f && f.avx512bw && f.avx512vnni) {
+        return None;
+    }
+    // SAFETY (every closure): AVX512-F, -BW and -VNNI are present, checked just above.
+    Some(match ty {
+        GgmlType::Q4_K => |w, rb, xs, out, st| unsafe { gemm::<Q4K>(w, rb, xs, out, st) },
+        GgmlType::Q5_K => |w, rb, xs, out, st| unsafe { gemm::<Q5K>(w, rb, xs, out, st) },
+        GgmlType::Q6_K => |w, rb, xs, out, st| unsafe { gemm::<Q6K>(w, rb, xs, out, st) },
+        _ => return None,
+    })
+}
+
+/// One super-block of 16 rows, decoded: `q[s]` lane r = row r's levels 4s..4s+4 (unsigned),
+/// `sc[j]` lane r = row r's scale of sub-block j, `pair[i]` lane r = the two i16 weights that meet
+/// the activations' bsums 2i and 2i+1 (the mins for Q4_K/Q5_K, the scales for Q6_K's offset).
+struct Decoded16 {
+    q: [__m512i; 64],
+    sc: [__m512i; 16],
+    pair: [__m512i; 8],
+    d: __m512,
+    dmin: __m512,
+}
+
+/// A k-quant type's block layout, as the GEMM needs it.
+trait Kind {
+    const BYTES: usize;
+    /// Elements per scale (32 for Q4_K/Q5_K, 16 for Q6_K).
+    const SUB: usize;
+    /// Min term (Q4_K/Q5_K); otherwise the levels carry an offset of 32 (Q6_K).
+    const MINS: bool;
+    /// Fills `dec` from the block at `p` of row 0; row r's block is at p + row_off lane r.
+    unsafe fn decode(p: *const u8, row_bytes: usize, row_off: __m512i, dec: &mut Decoded16);
+}
+
+/// The dword at byte `off` of each row's block.
+#[inline(always)]
+unsafe fn gather(p: *const u8, row_off: __m512i, off: usize) -> __m512i {
+    _mm512_i32gather_epi32::<1>(
+        _mm512_add_epi32(row_off, _mm512_set1_epi32(off as i32)),
+        p as *const i32,
+    )
+}
+
+/// Byte `i` (0..4) of each lane.
+#[inline(always)]
+unsafe fn byte(v: __m512i, i: u32) -> __m512i {
+    _mm512_and_si512(
+        _mm512_srlv_epi32(v, _mm512_set1_epi32(8 * i as i32)),
+        _mm512_set1_epi32(0xff),
+    )
+}
+
+/// Two f16 at byte `off` of each row's block (low half first) as f32 vectors.
+#[inline(always)]
+unsafe fn f16_pair(p: *const u8, row_off: __m512i, off: usize) -> (__m512, __m512) {
+    let v = gather(p, row_off, off);
+    let lo = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+    let hi = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v)));
+    (lo, hi)
+}
+
+/// Q4_K/Q5_K's 12 scale bytes: 8 six-bit scales and mins (`get_scale_min_k4`), 16 rows at a time.
+#[inline(always)]
+unsafe fn scales_mins_k4(p: *const u8, row_off: __m512i, dec: &mut Decoded16) {
+    let s: [__m512i; 3] = std::array::from_fn(|i| gather(p, row_off, 4 + 4 * i));
+    let m63 = _mm512_set1_epi32(63);
+    let m15 = _mm512_set1_epi32(15);
+    for j in 0..4u32 {
+        let (b0, b1, b2) = (byte(s[0], j), byte(s[1], j), byte(s[2], j));
+        let sc_lo = _mm512_and_si512(b0, m63);
+        let m_lo = _mm512_and_si512(b1, m63);
+        let sc_hi = _mm512_or_si512(
+            _mm512_and_si512(b2, m15),
+            _mm512_slli_epi32::<4>(_mm512_srli_epi32::<6>(b0)),
+        );
+        let m_hi = _mm512_or_si512(
+            _mm512_srli_epi32::<4>(b2),
+            _mm512_slli_epi32::<4>(_mm512_srli_epi32::<6>(b1)),
+        );
+        let j = j as usize;
+        dec.sc[j] = sc_lo;
+        dec.sc[j + 4] = sc_hi;
+        dec.pair[j] = _mm512_or_si512(m_lo, _mm512_slli_epi32::<16>(m_lo));
+        dec.pair[j + 4] = _mm512_or_si512(m_hi, _mm512_slli_epi32::<16>(m_hi));
+    }
+}
+
+/// 16×16 dword transpose: lane r of out[c] = lane c of rows[r].
+#[inline(always)]
+unsafe fn transpose16(rows: &[__m512i; 16]) -> [__m512i; 16] {
+    let t: [__m512i; 16] = std::array::from_fn(|i| {
+        let (a, b) = (rows[i & !1], rows[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    // u[4i + k], 128-bit lane L: rows 4i..4i+4 of column 4L + k
+    let u: [__m512i; 16] = std::array::from_fn(|j| {
+        let (i, k) = (j / 4, j % 4);
+        let (a, b) = (t[4 * i + k / 2], t[4 * i + 2 + k / 2]);
+        if k % 2 == 0 {
+            _mm512_unpacklo_epi64(a, b)
+        } else {
+            _mm512_unpackhi_epi64(a, b)
+        }
+    });
+    let mut out = [_mm512_setzero_si512(); 16];
+    for k in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x44>(u[k], u[4 + k]);
+        let v1 = _mm512_shuffle_i32x4::<0xee>(u[k], u[4 + k]);
+        let v2 = _mm512_shuffle_i32x4::<0x44>(u[8 + k], u[12 + k]);
+        let v3 = _mm512_shuffle_i32x4::<0xee>(u[8 + k], u[12 + k]);
+        out[k] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
+        out[4 + k] = _mm512_shuffle_i32x4::<0xdd>(v0, v2);
+        out[8 + k] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
+        out[12 + k] = _mm512_shuffle_i32x4::<0xdd>(v1, v3);
+    }
+    out
+}
+
+/// Dwords `off/4 .. off/4 + 16` of each of the 16 rows' blocks, transposed: lane r of out[i] is
+/// row r's dword at byte off + 4i. `valid` dwords are read (the rest are zero, never touched).
+#[inline(always)]
+unsafe fn load_t(p: *const u8, row_bytes: usize, off: usize, valid: u32) -> [__m512i; 16] {
+    let mask: __mmask16 = if valid >= 16 {
+        0xffff
+    } else {
+        (1u16 << valid) - 1
+    };
+    let rows: [__m512i; 16] = std::array::from_fn(|r| {
+        _mm512_maskz_loadu_epi32(mask, p.add(r * row_bytes + off) as *const i32)
+    });
+    transpose16(&rows)
+}
+
+/// Splits 16 rows' qs dwords (`raw[u]` = bytes 4u.. of a 32-byte run) into the low- and
+/// high-nibble level registers of one 64-level chunk starting at dec.q[first].
+#[inline(always)]
+unsafe fn nibbles(raw: &[__m512i], dec: &mut Decoded16, first: usize) {
+    let m4 = _mm512_set1_epi8(0x0f);
+    for (u, &v) in raw.iter().enumerate().take(8) {
+        dec.q[first + u] = _mm512_and_si512(v, m4);
+        dec.q[first + 8 + u] = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4);
+    }
+}
+
+struct Q4K;
+struct Q5K;
+struct Q6K;
+
+impl Kind for Q4K {
+    const BYTES: usize = 144;
+    const SUB: usize = 32;
+    const MINS: bool = true;
+    #[inline(always)]
+    unsafe fn decode(p: *const u8, row_bytes: usize, row_off: __m512i, dec: &mut Decoded16) {
+        (dec.d, dec.dmin) = f16_pair(p, row_off, 0);
+        scales_mins_k4(p, row_off, dec);
+        // chunk c of 64 levels: low nibbles of qs[32c..32c+32], then their high nibbles
+        for half in 0..2 {
+            let raw = load_t(p, row_bytes, 16 + 64 * half, 16);
+            nibbles(&raw[..8], dec, 32 * half);
+            nibbles(&raw[8..], dec, 32 * half + 16);
+        }
+    }
+}
+
+impl Kind for Q5K {
+    const BYTES: usize = 176;
+    const SUB: usize = 32;
+    const MINS: bool = true;
+    #[inline(always)]
+    unsafe fn decode(p: *const u8, row_bytes: usize, row_off: __m512i, dec: &mut Decoded16) {
+        (dec.d, dec.dmin) = f16_pair(p, row_off, 0);
+        scales_mins_k4(p, row_off, dec);
+        // bytes 16..80: qh (8 dwords) and qs[0..32]; 80..144: qs[32..96]; 144..176: qs[96..128]
+        let a = load_t(p, row_bytes, 16, 16);
+        let b = load_t(p, row_bytes, 80, 16);
+        let c = load_t(p, row_bytes, 144, 8);
+        nibbles(&a[8..], dec, 0);
+        nibbles(&b[..8], dec, 16);
+        nibbles(&b[8..], dec, 32);
+        nibbles(&c[..8], dec, 48);
+        // the fifth bit: bit 2c (low nibbles) or 2c+1 (high nibbles) of qh[4u..4u+4]
+        let bit = _mm512_set1_epi8(1);
+        for ch in 0..4 {
+            for u in 0..8 {
+                let h = a[u];
+                let lo =
+                    _mm512_and_si512(_mm512_srlv_epi32(h, _mm512_set1_epi32(2 * ch as i32)), bit);
+                let hi = _mm512_and_si512(
+                    _mm512_srlv_epi32(h, _mm512_set1_epi32(2 * ch as i32 + 1)),
+                    bit,
+                );
+                let (i, j) = (16 * ch + u, 16 * ch + 8 + u);
+                dec.q[i] = _mm512_or_si512(dec.q[i], _mm512_slli_epi32::<4>(lo));
+                dec.q[j] = _mm512_or_si512(dec.q[j], _mm512_slli_epi32::<4>(hi));
+            }
+        }
+    }
+}
+
+impl Kind for Q6K {
+    const BYTES: usize = 210;
+    const SUB: usize = 16;
+    const MINS: bool = false;
+    #[inline(always)]
+    unsafe fn decode(p: *const u8, row_bytes: usize, row_off: __m512i, dec: &mut Decoded16) {
+        // d is the f16 at 208: read 206..210 (never past the block) and take the high half
+        let (_, d) = f16_pair(p, row_off, 206);
+        dec.d = d;
+        dec.dmin = _mm512_setzero_ps();
+        let m4 = _mm512_set1_epi8(0x0f);
+        let m2 = _mm512_set1_epi8(0x03);
+        // element 128n + 32k + l: nibble (k < 2: low, else high) of ql[64n + 32(k & 1) + l],
+        // bits 2k..2k+2 of qh[32n + l] on top
+        let qh = load_t(p, row_bytes, 128, 16);
+        for n in 0..2 {
+            let ql = load_t(p, row_bytes, 64 * n, 16);
+            for u in 0..8 {
+                for k in 0..4 {
+                    let raw = ql[8 * (k & 1) + u];
+                    let nib = if k < 2 {
+                        _mm512_and_si512(raw, m4)
+                    } else {
+                        _mm512_and_si512(_mm512_srli_epi32::<4>(raw), m4)
+                    };
+                    let hb = _mm512_and_si512(
+                        _mm512_srlv_epi32(qh[8 * n + u], _mm512_set1_epi32(2 * k as i32)),
+                        m2,
+                    );
+                    dec.q[32 * n + 8 * k + u] = _mm512_or_si512(nib, _mm512_slli_epi32::<4>(hb));
+                }
+            }
+        }
+        // 16 signed 8-bit scales, in element order; pairs meet the bsums for the offset term
+        let s: [__m512i; 4] = std::array::from_fn(|i| gather(p, row_off, 192 + 4 * i));
+        for j in 0..16 {
+            let shifted = _mm512_sllv_epi32(s[j / 4], _mm512_set1_epi32(24 - 8 * (j % 4) as i32));
+            dec.sc[j] = _mm512_srai_epi32::<24>(shifted);
+        }
+        for i in 0..8 {
+            dec.pair[i] = _mm512_or_si512(
+                _mm512_and_si512(dec.sc[2 * i], _mm512_set1_epi32(0xffff)),
+                _mm512_slli_epi32::<16>(dec.sc[2 * i + 1]),
+            );
+        }
+    }
+}
+
+/// T tokens (at `a[t]`, this block's Q8_K bytes) against one decoded block of 16 rows, added to
+/// acc[t] (lane r = row r) with `block_float`'s float steps.
+#[inline(always)]
+unsafe fn tile<K: Kind, const T: usize>(dec: &Decoded16, a: [*const u8; T], acc: &mut [__m512]) {
+    let zero = _mm512_setzero_si512();
+    let steps = K::SUB / 4;
+    let mut sumi = [zero; T];
+    for j in 0..256 / K::SUB {
+        let mut dsum = [zero; T];
+        for s in 0..steps {
+            let i = j * steps + s;
+            let wq = dec.q[i];
+            for t in 0..T {
+                let av =
+                    _mm512_set1_epi32((a[t].add(ACT_QS + 4 * i) as *const i32).read_unaligned());
+                dsum[t] = _mm512_dpbusd_epi32(dsum[t], wq, av);
+            }
+        }
+        for t in 0..T {
+            sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(dsum[t], dec.sc[j]));
+        }
+    }
+    let mut bterm = [zero; T];
+    for i in 0..8 {
+        for t in 0..T {
+            let bs =
+                _mm512_set1_epi32((a[t].add(ACT_BSUMS + 4 * i) as *const i32).read_unaligned());
+            bterm[t] = _mm512_dpwssd_epi32(bterm[t], dec.pair[i], bs);
+        }
+    }
+    for t in 0..T {
+        let da = _mm512_set1_ps((a[t] as *const f32).read_unaligned());
+        if K::MINS {
+            let main = _mm512_mul_ps(_mm512_mul_ps(da, dec.d), _mm512_cvtepi32_ps(sumi[t]));
+            let min = _mm512_mul_ps(_mm512_mul_ps(da, dec.dmin), _mm512_cvtepi32_ps(bterm[t]));
+            acc[t] = _mm512_add_ps(acc[t], _mm512_sub_ps(main, min));
+        } else {
+            // levels stored +32: sumi − 32·Σ sc·bsum is the exact signed sum
+            let s = _mm512_sub_epi32(sumi[t], _mm512_slli_epi32::<5>(bterm[t]));
+            acc[t] = _mm512_add_ps(
+                acc[t],
+                _mm512_mul_ps(_mm512_mul_ps(da, dec.d), _mm512_cvtepi32_ps(s)),
+            );
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn gemm<K: Kind>(
+    w: &[u8],
+    row_bytes: usize,
+    xs: &[&[u8]],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let n_tok = xs.len();
+    let nb = row_bytes / K::BYTES;
+    assert!(
+        w.len() >= (ROWS - 1) * row_bytes + nb * K::BYTES,
+        "16 weight rows"
+    );
+    assert!(row_bytes * ROWS < i32::MAX as usize);
+    assert!(
+        xs.iter().all(|x| x.len() >= nb * ACT_BYTES),
+        "activation row too short"
+    );
+    assert!(n_tok == 0 || out.len() >= (n_tok - 1) * out_stride + ROWS);
+    let row_off = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(row_bytes as i32),
+    );
+    let mut acc = vec![_mm512_setzero_ps(); n_tok];
+    let mut dec = Decoded16 {
+        q: [_mm512_setzero_si512(); 64],
+        sc: [_mm512_setzero_si512(); 16],
+        pair: [_mm512_setzero_si512(); 8],
+        d: _mm512_setzero_ps(),
+        dmin: _mm512_setzero_ps(),
+    };
+    for blk in 0..nb {
+        // SAFETY: block `blk` < nb of all 16 rows lies inside w, and of every token inside its
+        // activation row (asserted above).
+        K::decode(w.as_ptr().add(blk * K::BYTES), row_bytes, row_off, &mut dec);
+        let at = |t: usize| xs[t].as_ptr().add(blk * ACT_BYTES);
+        let mut t = 0;
+        while t + 4 <= n_tok {
+            tile::<K, 4>(
+                &dec,
+                [at(t), at(t + 1), at(t + 2), at(t + 3)],
+                &mut acc[t..t + 4],
+            );
+            t += 4;
+        }
+        while t < n_tok {
+            tile::<K, 1>(&dec, [at(t)], &mut acc[t..t + 1]);
+            t += 1;
+        }
+    }
+    for (t, v) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out[t * out_stride..t * out_stride + ROWS].as_mut_ptr(), *v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::vec_dot::kernels;
+    use crate::quant::{self, testdata};
+
+    fn vnni() -> bool {
+        let f = cpu::features();
+        f.avx512f && f.avx512bw && f.avx512vnni
+    }
+
+    /// 16 weight rows: random, adversarial (testdata's set) and a huge outlier, quantized.
+    fn weight_matrix(ty: GgmlType, n: usize) -> Vec<u8> {
+        let mut rows = testdata::adversarial(n);
+        rows.push(("random a", testdata::heavy_tailed(41, n)));
+        rows.push(("random b", testdata::gaussian(42, n)));
+        let mut outlier = testdata::gaussian(43, n);
+        outlier[5] = 50.0;
+        rows.push(("huge outlier", outlier));
+        let mut seed = 100;
+        while rows.len() < ROWS {
+            rows.push(("gaussian", testdata::gaussian(seed, n)));
+            seed += 1;
+        }
+        rows.truncate(ROWS);
+        rows.iter()
+            .flat_map(|(_, x)| quant::quantize("w", x, n, ty, None).unwrap())
+            .collect()
+    }
+
+    fn act_rows(n: usize, k: &crate::model::vec_dot::DotKernels) -> Vec<Vec<u8>> {
+        let mut outlier = testdata::heavy_tailed(31, n);
+        outlier[n / 2 + 7] = 3.0e4;
+        let mut xs = vec![
+            testdata::heavy_tailed(33, n),
+            vec![0.0; n],
+            vec![-0.75; n],
+            outlier,
+            testdata::gaussian(34, n)
+                .iter()
+                .map(|v| v * 1e-30)
+                .collect(),
+            vec![1e30; n],
+        ];
+        for s in 0..5 {
+            xs.push(testdata::gaussian(200 + s, n));
+        }
+        xs.iter()
+            .map(|x| {
+                let mut q = vec![0u8; k.act_row_bytes(n)];
+                (k.quantize_act)(x, &mut q);
+                q
+            })
+            .collect()
+    }
+
+    /// Every (row, token) of the GEMM equals the type's vec_dot bit for bit, for token counts
+    /// that exercise the 4-token tiles and the single-token tail.
+    #[test]
+    fn gemm16_matches_vec_dot_bit_for_bit() {
+        if !vnni() {
+            eprintln!("AVX512-VNNI absent: gemm16 is not used on this CPU, nothing to compare");
+            assert!(gemm16(GgmlType::Q4_K).is_none());
+            return;
+        }
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            let k = kernels(ty).unwrap();
+            let g = gemm16(ty).unwrap();
+            for n in [256, 768, 2048] {
+                let w = weight_matrix(ty, n);
+                let rb = w.len() / ROWS;
+                let acts = act_rows(n, &k);
+                for n_tok in [1, 3, 4, 5, 11] {
+                    let xs: Vec<&[u8]> = acts.iter().take(n_tok).map(|a| a.as_slice()).collect();
+                    let stride = ROWS + 3;
+                    let mut out = vec![f32::NAN; stride * n_tok];
+                    g(&w, rb, &xs, &mut out, stride);
+                    for r in 0..ROWS {
+                        for t in 0..n_tok {
+                            let want = (k.vec_dot)(&w[r * rb..(r + 1) * rb], xs[t]);
+                            let got = out[t * stride + r];
+                            assert!(
+                                got.to_bits() == want.to_bits(),
+                                "{ty:?} n={n} row {r} token {t}: gemm {got} vs vec_dot {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Raw random bytes as blocks (every bit pattern of levels, scales and mins; finite d).
+    #[test]
+    fn gemm16_matches_vec_dot_on_random_block_bytes() {
+        if !vnni() {
+            return;
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            let k = kernels(ty).unwrap();
+            let g = gemm16(ty).unwrap();
+            let bytes = ty.block_geometry().1;
+            let nb = 3;
+            let mut w: Vec<u8> = (0..ROWS * nb * bytes).map(|_| next() as u8).collect();
+            // finite, moderate f16 scales (0x3c00 = 1.0 with random low mantissa bits)
+            for blk in w.chunks_exact_mut(bytes) {
+                let d_at = if ty == GgmlType::Q6_K {
+                    vec![208]
+                } else {
+                    vec![0, 2]
+                };
+                for o in d_at {
+                    blk[o] = next() as u8;
+                    blk[o + 1] = 0x38 | (next() as u8 & 0x03);
+                }
+            }
+            let acts = act_rows(nb * 256, &k);
+            let xs: Vec<&[u8]> = acts.iter().map(|a| a.as_slice()).collect();
+            let rb = nb * bytes;
+            let mut out = vec![f32::NAN; ROWS * xs.len()];
+            g(&w, rb, &xs, &mut out, ROWS);
+            for r in 0..ROWS {
+                for (t, x) in xs.iter().enumerate() {
+                    let want = (k.vec_dot)(&w[r * rb..(r + 1) * rb], x);
+                    assert_eq!(
+                        out[t * ROWS + r].to_bits(),
+                        want.to_bits(),
+                        "{ty:?} r{r} t{t}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::model::vec_dot::kernels;
+
+    /// Per-block cost of decode alone (0 tokens) and with 32 tokens (one-off timing, not a test
+    /// of speed: `cargo test --release --lib kgemm::speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn kgemm_speed() {
+        if gemm16(GgmlType::Q4_K).is_none() {
+            return;
+        }
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            let k = kernels(ty).unwrap();
+            let g = gemm16(ty).unwrap();
+            let n = 2048;
+            let rows = 768;
+            let x: Vec<f32> = (0..rows * n)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let w = crate::quant::quantize("w", &x, n, ty, None).unwrap();
+            let rb = w.len() / rows;
+            let mut acts = vec![0u8; 64 * k.act_row_bytes(n)];
+            for a in acts.chunks_exact_mut(k.act_row_bytes(n)) {
+                (k.quantize_act)(&x[..n], a);
+            }
+            for n_tok in [0usize, 4, 32, 64] {
+                let xs: Vec<&[u8]> = acts.chunks_exact(k.act_row_bytes(n)).take(n_tok).collect();
+                let mut out = vec![0f32; 16 * n_tok.max(1)];
+                let t0 = std::time::Instant::now();
+                let reps = 20;
+                for _ in 0..reps {
+                    for gi in 0..rows / 16 {
+                        g(&w[gi * 16 * rb..], rb, &xs, &mut out, 16);
+                    }
+                }
+                let blocks = (reps * rows / 16 * n / 256) as f64;
+                let ns = t0.elapsed().as_nanos() as f64 / blocks;
+                let gmac = (16 * 256 * n_tok) as f64 / ns;
+                eprintln!("{ty:?} n_tok={n_tok}: {ns:.0} ns per 16-row block, {gmac:.1} GMAC/s");
+            }
+        }
+    }
+}
