@@ -137,7 +137,7 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
                 .for_each(|(q, xr)| (k.quantize_act)(xr, q));
             let xqs: Vec<&[u8]> = xq.chunks_exact(act_row).collect();
             let q8_0_tiles = w.ty == GgmlType::Q8_0 && n_tok >= 4;
-            let da = if q8_0_tiles {
+            let da = if q8_0_tiles && !token_major {
                 vec_dot::q8_0_act_scales(&xqs)
             } else {
                 vec![]

@@ -40,6 +40,7 @@ pub fn gemm16(ty: GgmlType) -> Option<Gemm16Fn> {
         GgmlType::Q4_K => |w, rb, xs, out, st| unsafe { gemm::<Q4K>(w, rb, xs, out, st) },
         GgmlType::Q5_K => |w, rb, xs, out, st| unsafe { gemm::<Q5K>(w, rb, xs, out, st) },
         GgmlType::Q6_K => |w, rb, xs, out, st| unsafe { gemm::<Q6K>(w, rb, xs, out, st) },
+        GgmlType::Q8_0 => |w, rb, xs, out, st| unsafe { gemm_q8_0(w, rb, xs, out, st) },
         _ => return None,
     })
 }
@@ -387,6 +388,83 @@ unsafe fn gemm<K: Kind>(
     }
 }
 
+/// Q8_0 rows × Q8_0 activations, 16 rows × 2 tokens per register tile, bit-identical to
+/// `vec_dot_q8_0`: there each block adds d_w·d_a·(Σ of products 4l..4l+4) into float lane l by FMA
+/// and the 8 lanes are summed by `reduce8` at the end; here step s of a block is lane s, so each
+/// token keeps 8 accumulators (lane r = row r). vpdpbusd multiplies unsigned by signed bytes, so
+/// the activations go in offset by +128 and each step starts from −128·Σ of its 4 weights.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn gemm_q8_0(w: &[u8], row_bytes: usize, xs: &[&[u8]], out: &mut [f32], out_stride: usize) {
+    const BLOCK: usize = 34;
+    let n_tok = xs.len();
+    let nb = row_bytes / BLOCK;
+    assert!(
+        w.len() >= (ROWS - 1) * row_bytes + nb * BLOCK,
+        "16 weight rows"
+    );
+    assert!(row_bytes * ROWS < i32::MAX as usize);
+    assert!(
+        xs.iter().all(|x| x.len() >= nb * BLOCK),
+        "activation row too short"
+    );
+    assert!(n_tok == 0 || out.len() >= (n_tok - 1) * out_stride + ROWS);
+    let row_off = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(row_bytes as i32),
+    );
+    // every block of the 16 rows, decoded once: levels, step corrections, scales
+    let mut wq = vec![_mm512_setzero_si512(); nb * 8];
+    let mut start = vec![_mm512_setzero_si512(); nb * 8];
+    let mut dw = vec![_mm512_setzero_ps(); nb];
+    let bias = _mm512_set1_epi8(-128);
+    for blk in 0..nb {
+        // SAFETY: block `blk` < nb of all 16 rows lies inside w (asserted above).
+        let p = w.as_ptr().add(blk * BLOCK);
+        dw[blk] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather(p, row_off, 0)));
+        let levels = load_t(p, row_bytes, 2, 8);
+        for s in 0..8 {
+            wq[blk * 8 + s] = levels[s];
+            // −128·Σ w = Σ (−128)·w: the unsigned operand is the byte 0x80 = 128, negated after
+            let corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, levels[s]);
+            start[blk * 8 + s] = _mm512_sub_epi32(_mm512_setzero_si512(), corr);
+        }
+    }
+    let to_u8 = _mm512_set1_epi32(0x8080_8080u32 as i32);
+    let f16_at = |p: *const u8| half::f16::from_bits((p as *const u16).read_unaligned()).to_f32();
+    let mut t = 0;
+    while t < n_tok {
+        let pair = t + 1 < n_tok;
+        let a = [xs[t].as_ptr(), xs[if pair { t + 1 } else { t }].as_ptr()];
+        let mut acc = [[_mm512_setzero_ps(); 8]; 2];
+        for blk in 0..nb {
+            // SAFETY: block `blk` < nb lies inside both activation rows (asserted above).
+            let ab = [a[0].add(blk * BLOCK), a[1].add(blk * BLOCK)];
+            let d = [
+                _mm512_mul_ps(dw[blk], _mm512_set1_ps(f16_at(ab[0]))),
+                _mm512_mul_ps(dw[blk], _mm512_set1_ps(f16_at(ab[1]))),
+            ];
+            for s in 0..8 {
+                let (lv, st) = (wq[blk * 8 + s], start[blk * 8 + s]);
+                for j in 0..2 {
+                    let av =
+                        _mm512_set1_epi32((ab[j].add(2 + 4 * s) as *const i32).read_unaligned());
+                    let lane = _mm512_dpbusd_epi32(st, _mm512_xor_si512(av, to_u8), lv);
+                    acc[j][s] = _mm512_fmadd_ps(d[j], _mm512_cvtepi32_ps(lane), acc[j][s]);
+                }
+            }
+        }
+        for j in 0..if pair { 2 } else { 1 } {
+            // reduce8: lanes l and l+4 first, then (0+2)+(1+3)
+            let v = &acc[j];
+            let q: [__m512; 4] = std::array::from_fn(|l| _mm512_add_ps(v[l], v[l + 4]));
+            let r = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
+            let o = (t + j) * out_stride;
+            _mm512_storeu_ps(out[o..o + ROWS].as_mut_ptr(), r);
+        }
+        t += 2;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,7 +530,12 @@ mod tests {
             assert!(gemm16(GgmlType::Q4_K).is_none());
             return;
         }
-        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::Q8_0,
+        ] {
             let k = kernels(ty).unwrap();
             let g = gemm16(ty).unwrap();
             for n in [256, 768, 2048] {
@@ -492,25 +575,30 @@ mod tests {
             state ^= state << 17;
             state
         };
-        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::Q8_0,
+        ] {
             let k = kernels(ty).unwrap();
             let g = gemm16(ty).unwrap();
-            let bytes = ty.block_geometry().1;
+            let (elems, bytes) = ty.block_geometry();
             let nb = 3;
             let mut w: Vec<u8> = (0..ROWS * nb * bytes).map(|_| next() as u8).collect();
             // finite, moderate f16 scales (0x3c00 = 1.0 with random low mantissa bits)
             for blk in w.chunks_exact_mut(bytes) {
-                let d_at = if ty == GgmlType::Q6_K {
-                    vec![208]
-                } else {
-                    vec![0, 2]
+                let d_at = match ty {
+                    GgmlType::Q6_K => vec![208],
+                    GgmlType::Q8_0 => vec![0],
+                    _ => vec![0, 2],
                 };
                 for o in d_at {
                     blk[o] = next() as u8;
                     blk[o + 1] = 0x38 | (next() as u8 & 0x03);
                 }
             }
-            let acts = act_rows(nb * 256, &k);
+            let acts = act_rows(nb * elems, &k);
             let xs: Vec<&[u8]> = acts.iter().map(|a| a.as_slice()).collect();
             let rb = nb * bytes;
             let mut out = vec![f32::NAN; ROWS * xs.len()];
@@ -542,7 +630,12 @@ mod speed {
         if gemm16(GgmlType::Q4_K).is_none() {
             return;
         }
-        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::Q8_0,
+        ] {
             let k = kernels(ty).unwrap();
             let g = gemm16(ty).unwrap();
             let n = 2048;

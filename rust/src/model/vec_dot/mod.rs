@@ -44,7 +44,7 @@ pub type X8Fn = fn(&[u8], [&[u8]; 8]) -> [f32; 8];
 pub type Gemm16Fn =
     fn(w: &[u8], row_bytes: usize, xs: &[&[u8]], out: &mut [f32], out_stride: usize);
 
-/// The 16-row prompt GEMM for `ty` where the CPU has one (AVX512-VNNI: Q4_K, Q5_K, Q6_K).
+/// The 16-row prompt GEMM for `ty` where the CPU has one (AVX512-VNNI: Q4_K, Q5_K, Q6_K, Q8_0).
 pub fn kquant_gemm16(ty: GgmlType) -> Option<Gemm16Fn> {
     #[cfg(target_arch = "x86_64")]
     return kgemm::gemm16(ty);
