@@ -97,7 +97,10 @@ unsafe fn f16_pair(p: *const u8, row_off: __m512i, off: usize) -> (__m512, __m51
 /// Q4_K/Q5_K's 12 scale bytes: 8 six-bit scales and mins (`get_scale_min_k4`), 16 rows at a time.
 #[inline(always)]
 unsafe fn scales_mins_k4(p: *const u8, row_off: __m512i, dec: &mut Decoded16) {
-    let s: [__m512i; 3] = std::array::from_fn(|i| gather(p, row_off, 4 + 4 * i));
+    let mut s = [_mm512_setzero_si512(); 3];
+    for (i, si) in s.iter_mut().enumerate() {
+        *si = gather(p, row_off, 4 + 4 * i);
+    }
     let m63 = _mm512_set1_epi32(63);
     let m15 = _mm512_set1_epi32(15);
     for j in 0..4u32 {
@@ -120,27 +123,24 @@ unsafe fn scales_mins_k4(p: *const u8, row_off: __m512i, dec: &mut Decoded16) {
     }
 }
 
-/// 16×16 dword transpose: lane r of out[c] = lane c of rows[r].
+/// 16×16 dword transpose: lane r of out[c] = lane c of rows[r]. (Loops, not closures: a closure
+/// would not inherit the caller's target features, and its intrinsics would become calls.)
 #[inline(always)]
 unsafe fn transpose16(rows: &[__m512i; 16]) -> [__m512i; 16] {
-    let t: [__m512i; 16] = std::array::from_fn(|i| {
-        let (a, b) = (rows[i & !1], rows[i | 1]);
-        if i % 2 == 0 {
-            _mm512_unpacklo_epi32(a, b)
-        } else {
-            _mm512_unpackhi_epi32(a, b)
-        }
-    });
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in (0..16).step_by(2) {
+        t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+    }
     // u[4i + k], 128-bit lane L: rows 4i..4i+4 of column 4L + k
-    let u: [__m512i; 16] = std::array::from_fn(|j| {
-        let (i, k) = (j / 4, j % 4);
-        let (a, b) = (t[4 * i + k / 2], t[4 * i + 2 + k / 2]);
-        if k % 2 == 0 {
-            _mm512_unpacklo_epi64(a, b)
-        } else {
-            _mm512_unpackhi_epi64(a, b)
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        for h in 0..2 {
+            let (a, b) = (t[4 * i + h], t[4 * i + 2 + h]);
+            u[4 * i + 2 * h] = _mm512_unpacklo_epi64(a, b);
+            u[4 * i + 2 * h + 1] = _mm512_unpackhi_epi64(a, b);
         }
-    });
+    }
     let mut out = [_mm512_setzero_si512(); 16];
     for k in 0..4 {
         let v0 = _mm512_shuffle_i32x4::<0x44>(u[k], u[4 + k]);
@@ -164,9 +164,10 @@ unsafe fn load_t(p: *const u8, row_bytes: usize, off: usize, valid: u32) -> [__m
     } else {
         (1u16 << valid) - 1
     };
-    let rows: [__m512i; 16] = std::array::from_fn(|r| {
-        _mm512_maskz_loadu_epi32(mask, p.add(r * row_bytes + off) as *const i32)
-    });
+    let mut rows = [_mm512_setzero_si512(); 16];
+    for (r, row) in rows.iter_mut().enumerate() {
+        *row = _mm512_maskz_loadu_epi32(mask, p.add(r * row_bytes + off) as *const i32);
+    }
     transpose16(&rows)
 }
 
@@ -271,7 +272,10 @@ impl Kind for Q6K {
             }
         }
         // 16 signed 8-bit scales, in element order; pairs meet the bsums for the offset term
-        let s: [__m512i; 4] = std::array::from_fn(|i| gather(p, row_off, 192 + 4 * i));
+        let mut s = [_mm512_setzero_si512(); 4];
+        for (i, si) in s.iter_mut().enumerate() {
+            *si = gather(p, row_off, 192 + 4 * i);
+        }
         for j in 0..16 {
             let shifted = _mm512_sllv_epi32(s[j / 4], _mm512_set1_epi32(24 - 8 * (j % 4) as i32));
             dec.sc[j] = _mm512_srai_epi32::<24>(shifted);
@@ -456,7 +460,10 @@ unsafe fn gemm_q8_0(w: &[u8], row_bytes: usize, xs: &[&[u8]], out: &mut [f32], o
         for j in 0..if pair { 2 } else { 1 } {
             // reduce8: lanes l and l+4 first, then (0+2)+(1+3)
             let v = &acc[j];
-            let q: [__m512; 4] = std::array::from_fn(|l| _mm512_add_ps(v[l], v[l + 4]));
+            let mut q = [_mm512_setzero_ps(); 4];
+            for l in 0..4 {
+                q[l] = _mm512_add_ps(v[l], v[l + 4]);
+            }
             let r = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
             let o = (t + j) * out_stride;
             _mm512_storeu_ps(out[o..o + ROWS].as_mut_ptr(), r);
