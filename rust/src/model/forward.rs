@@ -402,7 +402,8 @@ impl Model {
         }
 
         // Each token's k weighted expert outputs, by rank; summed in rank order like llama.cpp.
-        let mut slots = vec![0f32; n * k * e];
+        // One buffer per rank: each stays under malloc's mmap threshold (see keep_freed_memory).
+        let mut slots = vec![vec![0f32; n * e]; k];
         for (ex, routed) in tokens_of.iter().enumerate() {
             if routed.is_empty() {
                 continue;
@@ -425,18 +426,16 @@ impl Model {
                     .map(|col| (col, Some((ex, c.n_expert)))),
             );
             for (i, &(t, rank, w)) in routed.iter().enumerate() {
-                let slot = &mut slots[(t * k + rank) * e..(t * k + rank + 1) * e];
+                let slot = &mut slots[rank][t * e..(t + 1) * e];
                 for (o, &yv) in slot.iter_mut().zip(&y[i * e..(i + 1) * e]) {
                     *o = yv * w;
                 }
             }
         }
-        let mut out = vec![0f32; n * e];
-        for (o, s) in out.chunks_exact_mut(e).zip(slots.chunks_exact(k * e)) {
-            o.copy_from_slice(&s[..e]);
-            for r in 1..k {
-                add_in_place(o, &s[r * e..(r + 1) * e]);
-            }
+        let mut ranks = slots.into_iter();
+        let mut out = ranks.next().expect("at least one expert per token");
+        for s in ranks {
+            add_in_place(&mut out, &s);
         }
         out
     }
