@@ -401,19 +401,16 @@ impl Model {
             }
         }
 
-        // Each token's k weighted expert outputs, by rank; summed in rank order like llama.cpp.
-        // One buffer per rank: each stays under malloc's mmap threshold (see keep_freed_memory).
-        let mut slots = vec![vec![0f32; n * e]; k];
-        for (ex, routed) in tokens_of.iter().enumerate() {
-            if routed.is_empty() {
-                continue;
-            }
+        // One expert's SwiGLU over the tokens routed to it (rows in routing order).
+        let run_expert = |ex: usize,
+                          routed: &[(usize, usize, f32)],
+                          col: Option<&mut ImatrixCollector>| {
             let m = routed.len();
             let mut xs = Vec::with_capacity(m * e);
             for &(t, _, _) in routed {
                 xs.extend_from_slice(&h[t * e..(t + 1) * e]);
             }
-            let y = swiglu_ffn(
+            swiglu_ffn(
                 [
                     &gate_exps.expert(&self.gguf, ex),
                     &up_exps.expert(&self.gguf, ex),
@@ -421,11 +418,28 @@ impl Model {
                 ],
                 &xs,
                 m,
-                collector
-                    .as_deref_mut()
-                    .map(|col| (col, Some((ex, c.n_expert)))),
-            );
-            for (i, &(t, rank, w)) in routed.iter().enumerate() {
+                col.map(|col| (col, Some((ex, c.n_expert)))),
+            )
+        };
+        let busy = tokens_of.iter().enumerate().filter(|(_, r)| !r.is_empty());
+        // Experts run in parallel (each matmul splits its rows too) unless a collector records
+        // them; every output is the same either way.
+        let outputs: Vec<(usize, Vec<f32>)> = match collector {
+            None => busy
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|(ex, routed)| (ex, run_expert(ex, routed, None)))
+                .collect(),
+            Some(col) => busy
+                .map(|(ex, routed)| (ex, run_expert(ex, routed, Some(&mut *col))))
+                .collect(),
+        };
+
+        // Each token's k weighted expert outputs, by rank; summed in rank order like llama.cpp.
+        // One buffer per rank: each stays under malloc's mmap threshold (see keep_freed_memory).
+        let mut slots = vec![vec![0f32; n * e]; k];
+        for (ex, y) in &outputs {
+            for (i, &(t, rank, w)) in tokens_of[*ex].iter().enumerate() {
                 let slot = &mut slots[rank][t * e..(t + 1) * e];
                 for (o, &yv) in slot.iter_mut().zip(&y[i * e..(i + 1) * e]) {
                     *o = yv * w;
