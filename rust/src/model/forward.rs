@@ -402,25 +402,24 @@ impl Model {
         }
 
         // One expert's SwiGLU over the tokens routed to it (rows in routing order).
-        let run_expert = |ex: usize,
-                          routed: &[(usize, usize, f32)],
-                          col: Option<&mut ImatrixCollector>| {
-            let m = routed.len();
-            let mut xs = Vec::with_capacity(m * e);
-            for &(t, _, _) in routed {
-                xs.extend_from_slice(&h[t * e..(t + 1) * e]);
-            }
-            swiglu_ffn(
-                [
-                    &gate_exps.expert(&self.gguf, ex),
-                    &up_exps.expert(&self.gguf, ex),
-                    &down_exps.expert(&self.gguf, ex),
-                ],
-                &xs,
-                m,
-                col.map(|col| (col, Some((ex, c.n_expert)))),
-            )
-        };
+        let run_expert =
+            |ex: usize, routed: &[(usize, usize, f32)], col: Option<&mut ImatrixCollector>| {
+                let m = routed.len();
+                let mut xs = Vec::with_capacity(m * e);
+                for &(t, _, _) in routed {
+                    xs.extend_from_slice(&h[t * e..(t + 1) * e]);
+                }
+                swiglu_ffn(
+                    [
+                        &gate_exps.expert(&self.gguf, ex),
+                        &up_exps.expert(&self.gguf, ex),
+                        &down_exps.expert(&self.gguf, ex),
+                    ],
+                    &xs,
+                    m,
+                    col.map(|col| (col, Some((ex, c.n_expert)))),
+                )
+            };
         let busy = tokens_of.iter().enumerate().filter(|(_, r)| !r.is_empty());
         // Experts run in parallel (each matmul splits its rows too) unless a collector records
         // them; every output is the same either way.

@@ -291,15 +291,7 @@ fn gemm16_block(
     let n_tok = xs.len();
     let nr = rows.len() / row_bytes;
     let groups = nr / 16;
-    for gi in 0..groups {
-        g(
-            &rows[gi * 16 * row_bytes..],
-            row_bytes,
-            xs,
-            &mut out[gi * 16..],
-            nr,
-        );
-    }
+    g(rows, row_bytes, groups, xs, out, nr);
     if groups * 16 < nr {
         let tail: Vec<&[u8]> = rows[groups * 16 * row_bytes..]
             .chunks_exact(row_bytes)

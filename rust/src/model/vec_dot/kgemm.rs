@@ -37,10 +37,10 @@ pub fn gemm16(ty: GgmlType) -> Option<Gemm16Fn> {
     }
     // SAFETY (every closure): AVX512-F, -BW and -VNNI are present, checked just above.
     Some(match ty {
-        GgmlType::Q4_K => |w, rb, xs, out, st| unsafe { gemm::<Q4K>(w, rb, xs, out, st) },
-        GgmlType::Q5_K => |w, rb, xs, out, st| unsafe { gemm::<Q5K>(w, rb, xs, out, st) },
-        GgmlType::Q6_K => |w, rb, xs, out, st| unsafe { gemm::<Q6K>(w, rb, xs, out, st) },
-        GgmlType::Q8_0 => |w, rb, xs, out, st| unsafe { gemm_q8_0(w, rb, xs, out, st) },
+        GgmlType::Q4_K => |w, rb, g, xs, out, st| unsafe { gemm::<Q4K>(w, rb, g, xs, out, st) },
+        GgmlType::Q5_K => |w, rb, g, xs, out, st| unsafe { gemm::<Q5K>(w, rb, g, xs, out, st) },
+        GgmlType::Q6_K => |w, rb, g, xs, out, st| unsafe { gemm::<Q6K>(w, rb, g, xs, out, st) },
+        GgmlType::Q8_0 => |w, rb, g, xs, out, st| unsafe { gemm_q8_0(w, rb, g, xs, out, st) },
         _ => return None,
     })
 }
@@ -48,6 +48,7 @@ pub fn gemm16(ty: GgmlType) -> Option<Gemm16Fn> {
 /// One super-block of 16 rows, decoded: `q[s]` lane r = row r's levels 4s..4s+4 (unsigned),
 /// `sc[j]` lane r = row r's scale of sub-block j, `pair[i]` lane r = the two i16 weights that meet
 /// the activations' bsums 2i and 2i+1 (the mins for Q4_K/Q5_K, the scales for Q6_K's offset).
+#[derive(Clone, Copy)]
 struct Decoded16 {
     q: [__m512i; 64],
     sc: [__m512i; 16],
@@ -289,57 +290,81 @@ impl Kind for Q6K {
     }
 }
 
-/// T tokens (at `a[t]`, this block's Q8_K bytes) against one decoded block of 16 rows, added to
-/// acc[t] (lane r = row r) with `block_float`'s float steps.
+/// T tokens (at `a[t]`, this block's Q8_K bytes) against G decoded blocks of 16 rows each (one
+/// activation broadcast feeds G row groups), added to acc[g · n_tok + t0 + t] (lane r = row r of
+/// group g) with `block_float`'s float steps.
 #[inline(always)]
-unsafe fn tile<K: Kind, const T: usize>(dec: &Decoded16, a: [*const u8; T], acc: &mut [__m512]) {
+unsafe fn tile<K: Kind, const G: usize, const T: usize>(
+    dec: &[Decoded16; G],
+    a: [*const u8; T],
+    acc: &mut [__m512],
+    t0: usize,
+    n_tok: usize,
+) {
     let zero = _mm512_setzero_si512();
     let steps = K::SUB / 4;
-    let mut sumi = [zero; T];
+    let mut sumi = [[zero; T]; G];
     for j in 0..256 / K::SUB {
-        let mut dsum = [zero; T];
+        let mut dsum = [[zero; T]; G];
         for s in 0..steps {
             let i = j * steps + s;
-            let wq = dec.q[i];
+            let mut wq = [zero; G];
+            for g in 0..G {
+                wq[g] = dec[g].q[i];
+            }
             for t in 0..T {
                 let av =
                     _mm512_set1_epi32((a[t].add(ACT_QS + 4 * i) as *const i32).read_unaligned());
-                dsum[t] = _mm512_dpbusd_epi32(dsum[t], wq, av);
+                for g in 0..G {
+                    dsum[g][t] = _mm512_dpbusd_epi32(dsum[g][t], wq[g], av);
+                }
             }
         }
-        for t in 0..T {
-            sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(dsum[t], dec.sc[j]));
+        for g in 0..G {
+            for t in 0..T {
+                let scaled = _mm512_mullo_epi32(dsum[g][t], dec[g].sc[j]);
+                sumi[g][t] = _mm512_add_epi32(sumi[g][t], scaled);
+            }
         }
     }
-    let mut bterm = [zero; T];
+    let mut bterm = [[zero; T]; G];
     for i in 0..8 {
         for t in 0..T {
             let bs =
                 _mm512_set1_epi32((a[t].add(ACT_BSUMS + 4 * i) as *const i32).read_unaligned());
-            bterm[t] = _mm512_dpwssd_epi32(bterm[t], dec.pair[i], bs);
+            for g in 0..G {
+                bterm[g][t] = _mm512_dpwssd_epi32(bterm[g][t], dec[g].pair[i], bs);
+            }
         }
     }
     for t in 0..T {
         let da = _mm512_set1_ps((a[t] as *const f32).read_unaligned());
-        if K::MINS {
-            let main = _mm512_mul_ps(_mm512_mul_ps(da, dec.d), _mm512_cvtepi32_ps(sumi[t]));
-            let min = _mm512_mul_ps(_mm512_mul_ps(da, dec.dmin), _mm512_cvtepi32_ps(bterm[t]));
-            acc[t] = _mm512_add_ps(acc[t], _mm512_sub_ps(main, min));
-        } else {
-            // levels stored +32: sumi − 32·Σ sc·bsum is the exact signed sum
-            let s = _mm512_sub_epi32(sumi[t], _mm512_slli_epi32::<5>(bterm[t]));
-            acc[t] = _mm512_add_ps(
-                acc[t],
-                _mm512_mul_ps(_mm512_mul_ps(da, dec.d), _mm512_cvtepi32_ps(s)),
-            );
+        for g in 0..G {
+            let dg = &dec[g];
+            let o = &mut acc[g * n_tok + t0 + t];
+            if K::MINS {
+                let main = _mm512_mul_ps(_mm512_mul_ps(da, dg.d), _mm512_cvtepi32_ps(sumi[g][t]));
+                let min =
+                    _mm512_mul_ps(_mm512_mul_ps(da, dg.dmin), _mm512_cvtepi32_ps(bterm[g][t]));
+                *o = _mm512_add_ps(*o, _mm512_sub_ps(main, min));
+            } else {
+                // levels stored +32: sumi − 32·Σ sc·bsum is the exact signed sum
+                let s = _mm512_sub_epi32(sumi[g][t], _mm512_slli_epi32::<5>(bterm[g][t]));
+                *o = _mm512_add_ps(
+                    *o,
+                    _mm512_mul_ps(_mm512_mul_ps(da, dg.d), _mm512_cvtepi32_ps(s)),
+                );
+            }
         }
     }
 }
 
+/// `groups` groups of 16 rows (row g·16 + r at w + (g·16 + r)·row_bytes), two at a time.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn gemm<K: Kind>(
     w: &[u8],
     row_bytes: usize,
+    groups: usize,
     xs: &[&[u8]],
     out: &mut [f32],
     out_stride: usize,
@@ -347,48 +372,75 @@ unsafe fn gemm<K: Kind>(
     let n_tok = xs.len();
     let nb = row_bytes / K::BYTES;
     assert!(
-        w.len() >= (ROWS - 1) * row_bytes + nb * K::BYTES,
-        "16 weight rows"
+        groups == 0 || w.len() >= (groups * ROWS - 1) * row_bytes + nb * K::BYTES,
+        "weight rows"
     );
     assert!(row_bytes * ROWS < i32::MAX as usize);
     assert!(
         xs.iter().all(|x| x.len() >= nb * ACT_BYTES),
         "activation row too short"
     );
-    assert!(n_tok == 0 || out.len() >= (n_tok - 1) * out_stride + ROWS);
+    assert!(n_tok == 0 || groups == 0 || out.len() >= (n_tok - 1) * out_stride + groups * ROWS);
+    let mut g0 = 0;
+    while g0 < groups {
+        let (wg, og) = (&w[g0 * ROWS * row_bytes..], &mut out[g0 * ROWS..]);
+        // SAFETY (both): the groups' rows and every activation row hold nb blocks (asserted).
+        if g0 + 2 <= groups {
+            groups_of::<K, 2>(wg, row_bytes, nb, xs, og, out_stride);
+            g0 += 2;
+        } else {
+            groups_of::<K, 1>(wg, row_bytes, nb, xs, og, out_stride);
+            g0 += 1;
+        }
+    }
+}
+
+/// G groups of 16 rows against every token; the caller checked the sizes.
+#[inline(always)]
+unsafe fn groups_of<K: Kind, const G: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    nb: usize,
+    xs: &[&[u8]],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let n_tok = xs.len();
     let row_off = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32(row_bytes as i32),
     );
-    let mut acc = vec![_mm512_setzero_ps(); n_tok];
-    let mut dec = Decoded16 {
+    let mut acc = vec![_mm512_setzero_ps(); G * n_tok];
+    let empty = Decoded16 {
         q: [_mm512_setzero_si512(); 64],
         sc: [_mm512_setzero_si512(); 16],
         pair: [_mm512_setzero_si512(); 8],
         d: _mm512_setzero_ps(),
         dmin: _mm512_setzero_ps(),
     };
+    let mut dec = [empty; G];
     for blk in 0..nb {
-        // SAFETY: block `blk` < nb of all 16 rows lies inside w, and of every token inside its
-        // activation row (asserted above).
-        K::decode(w.as_ptr().add(blk * K::BYTES), row_bytes, row_off, &mut dec);
+        for (g, dg) in dec.iter_mut().enumerate() {
+            let p = w.as_ptr().add(g * ROWS * row_bytes + blk * K::BYTES);
+            K::decode(p, row_bytes, row_off, dg);
+        }
         let at = |t: usize| xs[t].as_ptr().add(blk * ACT_BYTES);
         let mut t = 0;
         while t + 4 <= n_tok {
-            tile::<K, 4>(
-                &dec,
-                [at(t), at(t + 1), at(t + 2), at(t + 3)],
-                &mut acc[t..t + 4],
-            );
+            let a = [at(t), at(t + 1), at(t + 2), at(t + 3)];
+            tile::<K, G, 4>(&dec, a, &mut acc, t, n_tok);
             t += 4;
         }
         while t < n_tok {
-            tile::<K, 1>(&dec, [at(t)], &mut acc[t..t + 1]);
+            tile::<K, G, 1>(&dec, [at(t)], &mut acc, t, n_tok);
             t += 1;
         }
     }
-    for (t, v) in acc.iter().enumerate() {
-        _mm512_storeu_ps(out[t * out_stride..t * out_stride + ROWS].as_mut_ptr(), *v);
+    for g in 0..G {
+        for t in 0..n_tok {
+            let o = t * out_stride + g * ROWS;
+            _mm512_storeu_ps(out[o..o + ROWS].as_mut_ptr(), acc[g * n_tok + t]);
+        }
     }
 }
 
@@ -398,7 +450,28 @@ unsafe fn gemm<K: Kind>(
 /// token keeps 8 accumulators (lane r = row r). vpdpbusd multiplies unsigned by signed bytes, so
 /// the activations go in offset by +128 and each step starts from −128·Σ of its 4 weights.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn gemm_q8_0(w: &[u8], row_bytes: usize, xs: &[&[u8]], out: &mut [f32], out_stride: usize) {
+unsafe fn gemm_q8_0(
+    w: &[u8],
+    row_bytes: usize,
+    groups: usize,
+    xs: &[&[u8]],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    for g in 0..groups {
+        let w = &w[g * ROWS * row_bytes..];
+        gemm_q8_0_group(w, row_bytes, xs, &mut out[g * ROWS..], out_stride);
+    }
+}
+
+#[inline(always)]
+unsafe fn gemm_q8_0_group(
+    w: &[u8],
+    row_bytes: usize,
+    xs: &[&[u8]],
+    out: &mut [f32],
+    out_stride: usize,
+) {
     const BLOCK: usize = 34;
     let n_tok = xs.len();
     let nb = row_bytes / BLOCK;
@@ -484,7 +557,7 @@ mod tests {
     }
 
     /// 16 weight rows: random, adversarial (testdata's set) and a huge outlier, quantized.
-    fn weight_matrix(ty: GgmlType, n: usize) -> Vec<u8> {
+    fn weight_matrix(ty: GgmlType, n: usize, n_rows: usize) -> Vec<u8> {
         let mut rows = testdata::adversarial(n);
         rows.push(("random a", testdata::heavy_tailed(41, n)));
         rows.push(("random b", testdata::gaussian(42, n)));
@@ -492,11 +565,11 @@ mod tests {
         outlier[5] = 50.0;
         rows.push(("huge outlier", outlier));
         let mut seed = 100;
-        while rows.len() < ROWS {
+        while rows.len() < n_rows {
             rows.push(("gaussian", testdata::gaussian(seed, n)));
             seed += 1;
         }
-        rows.truncate(ROWS);
+        rows.truncate(n_rows);
         rows.iter()
             .flat_map(|(_, x)| quant::quantize("w", x, n, ty, None).unwrap())
             .collect()
@@ -545,16 +618,18 @@ mod tests {
         ] {
             let k = kernels(ty).unwrap();
             let g = gemm16(ty).unwrap();
-            for n in [256, 768, 2048] {
-                let w = weight_matrix(ty, n);
-                let rb = w.len() / ROWS;
+            // 1, 2 and 3 groups of 16 rows: the single- and two-group tiles
+            for (n, groups) in [(256, 3), (768, 1), (2048, 2)] {
+                let n_rows = groups * ROWS;
+                let w = weight_matrix(ty, n, n_rows);
+                let rb = w.len() / n_rows;
                 let acts = act_rows(n, &k);
                 for n_tok in [1, 3, 4, 5, 11] {
                     let xs: Vec<&[u8]> = acts.iter().take(n_tok).map(|a| a.as_slice()).collect();
-                    let stride = ROWS + 3;
+                    let stride = n_rows + 3;
                     let mut out = vec![f32::NAN; stride * n_tok];
-                    g(&w, rb, &xs, &mut out, stride);
-                    for r in 0..ROWS {
+                    g(&w, rb, groups, &xs, &mut out, stride);
+                    for r in 0..n_rows {
                         for t in 0..n_tok {
                             let want = (k.vec_dot)(&w[r * rb..(r + 1) * rb], xs[t]);
                             let got = out[t * stride + r];
@@ -609,7 +684,7 @@ mod tests {
             let xs: Vec<&[u8]> = acts.iter().map(|a| a.as_slice()).collect();
             let rb = nb * bytes;
             let mut out = vec![f32::NAN; ROWS * xs.len()];
-            g(&w, rb, &xs, &mut out, ROWS);
+            g(&w, rb, 1, &xs, &mut out, ROWS);
             for r in 0..ROWS {
                 for (t, x) in xs.iter().enumerate() {
                     let want = (k.vec_dot)(&w[r * rb..(r + 1) * rb], x);
@@ -658,13 +733,11 @@ mod speed {
             }
             for n_tok in [0usize, 4, 32, 64] {
                 let xs: Vec<&[u8]> = acts.chunks_exact(k.act_row_bytes(n)).take(n_tok).collect();
-                let mut out = vec![0f32; 16 * n_tok.max(1)];
+                let mut out = vec![0f32; rows * n_tok.max(1)];
                 let t0 = std::time::Instant::now();
                 let reps = 20;
                 for _ in 0..reps {
-                    for gi in 0..rows / 16 {
-                        g(&w[gi * 16 * rb..], rb, &xs, &mut out, 16);
-                    }
+                    g(&w, rb, rows / 16, &xs, &mut out, rows);
                 }
                 let blocks = (reps * rows / 16 * n / 256) as f64;
                 let ns = t0.elapsed().as_nanos() as f64 / blocks;

@@ -39,10 +39,10 @@ pub struct DotKernels {
 /// One weight row against eight quantized activation rows.
 pub type X8Fn = fn(&[u8], [&[u8]; 8]) -> [f32; 8];
 
-/// 16 consecutive weight rows (`row_bytes` apart) against a batch of quantized activation rows:
-/// out[t · out_stride + r], each bit-identical to `vec_dot` of row r and token t.
+/// `groups` × 16 consecutive weight rows (`row_bytes` apart) against a batch of quantized
+/// activation rows: out[t · out_stride + r], each bit-identical to `vec_dot` of row r and token t.
 pub type Gemm16Fn =
-    fn(w: &[u8], row_bytes: usize, xs: &[&[u8]], out: &mut [f32], out_stride: usize);
+    fn(w: &[u8], row_bytes: usize, groups: usize, xs: &[&[u8]], out: &mut [f32], out_stride: usize);
 
 /// The 16-row prompt GEMM for `ty` where the CPU has one (AVX512-VNNI: Q4_K, Q5_K, Q6_K, Q8_0).
 pub fn kquant_gemm16(ty: GgmlType) -> Option<Gemm16Fn> {
