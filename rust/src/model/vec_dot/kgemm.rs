@@ -458,17 +458,39 @@ unsafe fn gemm_q8_0(
     out: &mut [f32],
     out_stride: usize,
 ) {
+    // once for all groups: the activations' f16 scales as f32, and their levels offset by +128
+    // (as unsigned bytes, 32 per block, no scales in between)
+    let nb = row_bytes / 34;
+    assert!(
+        xs.iter().all(|x| x.len() >= nb * 34),
+        "activation row too short"
+    );
+    let mut da = vec![0f32; xs.len() * nb];
+    let mut au = vec![0u8; xs.len() * nb * 32];
+    for (t, x) in xs.iter().enumerate() {
+        for b in 0..nb {
+            da[t * nb + b] = half::f16::from_le_bytes([x[34 * b], x[34 * b + 1]]).to_f32();
+            let dst = &mut au[(t * nb + b) * 32..(t * nb + b + 1) * 32];
+            for (u, &q) in dst.iter_mut().zip(&x[34 * b + 2..34 * b + 34]) {
+                *u = q ^ 0x80;
+            }
+        }
+    }
+    let xu: Vec<&[u8]> = au.chunks_exact((nb * 32).max(1)).collect();
     for g in 0..groups {
         let w = &w[g * ROWS * row_bytes..];
-        gemm_q8_0_group(w, row_bytes, xs, &mut out[g * ROWS..], out_stride);
+        gemm_q8_0_group(w, row_bytes, &xu, &da, &mut out[g * ROWS..], out_stride);
     }
 }
 
+/// One group of 16 rows; `xs` holds the activation levels +128 (32 bytes per block), `da` their
+/// scales (nb per token).
 #[inline(always)]
 unsafe fn gemm_q8_0_group(
     w: &[u8],
     row_bytes: usize,
     xs: &[&[u8]],
+    da: &[f32],
     out: &mut [f32],
     out_stride: usize,
 ) {
@@ -481,9 +503,10 @@ unsafe fn gemm_q8_0_group(
     );
     assert!(row_bytes * ROWS < i32::MAX as usize);
     assert!(
-        xs.iter().all(|x| x.len() >= nb * BLOCK),
-        "activation row too short"
+        xs.iter().all(|x| x.len() >= nb * 32),
+        "offset activation row too short"
     );
+    assert!(da.len() >= n_tok * nb, "activation scales");
     assert!(n_tok == 0 || out.len() >= (n_tok - 1) * out_stride + ROWS);
     let row_off = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -506,26 +529,25 @@ unsafe fn gemm_q8_0_group(
             start[blk * 8 + s] = _mm512_sub_epi32(_mm512_setzero_si512(), corr);
         }
     }
-    let to_u8 = _mm512_set1_epi32(0x8080_8080u32 as i32);
-    let f16_at = |p: *const u8| half::f16::from_bits((p as *const u16).read_unaligned()).to_f32();
     let mut t = 0;
     while t < n_tok {
         let pair = t + 1 < n_tok;
-        let a = [xs[t].as_ptr(), xs[if pair { t + 1 } else { t }].as_ptr()];
+        let t1 = if pair { t + 1 } else { t };
+        let a = [xs[t].as_ptr(), xs[t1].as_ptr()];
+        let das = [&da[t * nb..(t + 1) * nb], &da[t1 * nb..(t1 + 1) * nb]];
         let mut acc = [[_mm512_setzero_ps(); 8]; 2];
         for blk in 0..nb {
             // SAFETY: block `blk` < nb lies inside both activation rows (asserted above).
-            let ab = [a[0].add(blk * BLOCK), a[1].add(blk * BLOCK)];
+            let ab = [a[0].add(blk * 32), a[1].add(blk * 32)];
             let d = [
-                _mm512_mul_ps(dw[blk], _mm512_set1_ps(f16_at(ab[0]))),
-                _mm512_mul_ps(dw[blk], _mm512_set1_ps(f16_at(ab[1]))),
+                _mm512_mul_ps(dw[blk], _mm512_set1_ps(das[0][blk])),
+                _mm512_mul_ps(dw[blk], _mm512_set1_ps(das[1][blk])),
             ];
             for s in 0..8 {
                 let (lv, st) = (wq[blk * 8 + s], start[blk * 8 + s]);
                 for j in 0..2 {
-                    let av =
-                        _mm512_set1_epi32((ab[j].add(2 + 4 * s) as *const i32).read_unaligned());
-                    let lane = _mm512_dpbusd_epi32(st, _mm512_xor_si512(av, to_u8), lv);
+                    let av = _mm512_set1_epi32((ab[j].add(4 * s) as *const i32).read_unaligned());
+                    let lane = _mm512_dpbusd_epi32(st, av, lv);
                     acc[j][s] = _mm512_fmadd_ps(d[j], _mm512_cvtepi32_ps(lane), acc[j][s]);
                 }
             }
@@ -745,5 +767,46 @@ mod speed {
                 eprintln!("{ty:?} n_tok={n_tok}: {ns:.0} ns per 16-row block, {gmac:.1} GMAC/s");
             }
         }
+    }
+
+    /// Q8_0: this GEMM against the 2-row × 4-token tiles it replaced, interleaved runs, best of 15
+    /// (`cargo test --release --lib kgemm::speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn q8_0_gemm16_vs_tiles() {
+        use crate::model::vec_dot::{q8_0_act_scales, q8_0_gemm};
+        let Some(g) = gemm16(GgmlType::Q8_0) else {
+            return;
+        };
+        let k = kernels(GgmlType::Q8_0).unwrap();
+        let (n, rows, n_tok) = (2048, 768, 32);
+        let x: Vec<f32> = (0..rows * n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let w = crate::quant::quantize("w", &x, n, GgmlType::Q8_0, None).unwrap();
+        let rb = w.len() / rows;
+        let mut acts = vec![0u8; n_tok * k.act_row_bytes(n)];
+        for (i, a) in acts.chunks_exact_mut(k.act_row_bytes(n)).enumerate() {
+            (k.quantize_act)(&x[i * n..(i + 1) * n], a);
+        }
+        let xs: Vec<&[u8]> = acts.chunks_exact(k.act_row_bytes(n)).collect();
+        let wrows: Vec<&[u8]> = w.chunks_exact(rb).collect();
+        let mut out = vec![0f32; rows * n_tok];
+        let (mut best_new, mut best_old) = (f64::MAX, f64::MAX);
+        for _ in 0..15 {
+            let t0 = std::time::Instant::now();
+            g(&w, rb, rows / 16, &xs, &mut out, rows);
+            best_new = best_new.min(t0.elapsed().as_secs_f64());
+            let t0 = std::time::Instant::now();
+            let da = q8_0_act_scales(&xs);
+            assert!(q8_0_gemm(&wrows, &xs, &da, &mut out));
+            best_old = best_old.min(t0.elapsed().as_secs_f64());
+        }
+        let gmac = (rows * n * n_tok) as f64 * 1e-9;
+        eprintln!(
+            "Q8_0 {rows}x{n}, {n_tok} tokens: gemm16 {:.1} GMAC/s, 2x4 tiles {:.1} GMAC/s",
+            gmac / best_new,
+            gmac / best_old
+        );
     }
 }
