@@ -809,4 +809,50 @@ mod speed {
             gmac / best_old
         );
     }
+
+    /// k-quants: this GEMM against the 8-token kernels it replaces (`vec_dot_x8`), interleaved
+    /// runs, best of 15 (`cargo test --release --lib kgemm::speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn kquant_gemm16_vs_x8() {
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            let Some(g) = gemm16(ty) else {
+                return;
+            };
+            let k = kernels(ty).unwrap();
+            let x8 = k.vec_dot_x8.unwrap();
+            let (n, rows, n_tok) = (2048, 768, 32);
+            let x: Vec<f32> = (0..rows * n)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let w = crate::quant::quantize("w", &x, n, ty, None).unwrap();
+            let rb = w.len() / rows;
+            let mut acts = vec![0u8; n_tok * k.act_row_bytes(n)];
+            for (i, a) in acts.chunks_exact_mut(k.act_row_bytes(n)).enumerate() {
+                (k.quantize_act)(&x[i * n..(i + 1) * n], a);
+            }
+            let xs: Vec<&[u8]> = acts.chunks_exact(k.act_row_bytes(n)).collect();
+            let mut out = vec![0f32; rows * n_tok];
+            let (mut best_new, mut best_old) = (f64::MAX, f64::MAX);
+            for _ in 0..15 {
+                let t0 = std::time::Instant::now();
+                g(&w, rb, rows / 16, &xs, &mut out, rows);
+                best_new = best_new.min(t0.elapsed().as_secs_f64());
+                let t0 = std::time::Instant::now();
+                for (r, wr) in w.chunks_exact(rb).enumerate() {
+                    for (t, oct) in xs.chunks_exact(8).enumerate() {
+                        let v = x8(wr, std::array::from_fn(|j| oct[j]));
+                        out[r * n_tok + 8 * t..r * n_tok + 8 * t + 8].copy_from_slice(&v);
+                    }
+                }
+                best_old = best_old.min(t0.elapsed().as_secs_f64());
+            }
+            let gmac = (rows * n * n_tok) as f64 * 1e-9;
+            eprintln!(
+                "{ty:?} {rows}x{n}, {n_tok} tokens: gemm16 {:.1} GMAC/s, x8 kernel {:.1} GMAC/s",
+                gmac / best_new,
+                gmac / best_old
+            );
+        }
+    }
 }
