@@ -436,3 +436,217 @@ pub(super) fn kernels(ty: GgmlType) -> Option<DotKernels> {
     }
     set_for(ty, f.dotprod)
 }
+
+#[cfg(all(test, target_arch = "aarch64"))]
+mod tests {
+    use super::super::{scalar_kernels, QK_K};
+    use super::*;
+    use crate::quant::{self, testdata};
+
+    const TYPES: [GgmlType; 5] = [
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
+    fn same(a: f32, b: f32) -> bool {
+        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+    }
+
+    /// Where each type keeps its f16 d (and dmin) inside a block.
+    fn scale_offsets(ty: GgmlType) -> &'static [usize] {
+        match ty {
+            GgmlType::Q2_K => &[80, 82],
+            GgmlType::Q3_K => &[108],
+            GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            _ => &[208],
+        }
+    }
+
+    /// Weight rows: quantized random and adversarial rows, and raw blocks the quantizer never
+    /// writes (every bit set: maximal levels and scales; all clear; random bytes) with
+    /// d = 1, d = 0 or a random finite d.
+    fn weight_rows(ty: GgmlType, n: usize) -> Vec<(String, Vec<u8>)> {
+        let mut rows: Vec<(String, Vec<u8>)> = testdata::adversarial(n)
+            .into_iter()
+            .chain([
+                ("heavy tailed", testdata::heavy_tailed(41, n)),
+                ("gaussian", testdata::gaussian(42, n)),
+            ])
+            .map(|(s, x)| {
+                (
+                    s.to_string(),
+                    quant::quantize("w", &x, n, ty, None).unwrap(),
+                )
+            })
+            .collect();
+        let bytes = ty.block_geometry().1;
+        let nb = n / QK_K;
+        let mut rng = testdata::Rng::new(7);
+        for (name, fill, d) in [
+            ("all ones, d = 1", Some(0xFF), Some(0x3C00u16)),
+            ("all zero, d = 1", Some(0x00), Some(0x3C00)),
+            ("all ones, d = 0", Some(0xFF), Some(0x0000)),
+            ("random bytes, d = 1", None, Some(0x3C00)),
+            ("random bytes and d", None, None),
+        ] {
+            let mut w: Vec<u8> = (0..nb * bytes)
+                .map(|_| fill.unwrap_or(rng.next_u64() as u8))
+                .collect();
+            for b in 0..nb {
+                for &o in scale_offsets(ty) {
+                    // a random finite f16: exponent field below 31
+                    let bits = d.unwrap_or((rng.next_u64() as u16) & 0xBBFF);
+                    w[b * bytes + o..b * bytes + o + 2].copy_from_slice(&bits.to_le_bytes());
+                }
+            }
+            rows.push((name.to_string(), w));
+        }
+        rows
+    }
+
+    /// Activation rows: quantized (random, zeros, constant, ±1e30 outliers, tiny values) and raw
+    /// Q8_K blocks with extreme levels and arbitrary bsums under several d.
+    fn act_rows(n: usize) -> Vec<(String, Vec<u8>)> {
+        let mut outliers = testdata::heavy_tailed(31, n);
+        outliers[n / 2 + 7] = 1e30;
+        outliers[3] = -1e30;
+        let tiny: Vec<f32> = testdata::gaussian(32, n)
+            .iter()
+            .map(|v| v * 1e-30)
+            .collect();
+        let mut rows: Vec<(String, Vec<u8>)> = [
+            ("heavy tailed", testdata::heavy_tailed(33, n)),
+            ("gaussian", testdata::gaussian(34, n)),
+            ("zeros", vec![0.0; n]),
+            ("constant", vec![-0.75; n]),
+            ("outliers", outliers),
+            ("tiny", tiny),
+        ]
+        .into_iter()
+        .map(|(s, x)| {
+            let mut a = vec![0u8; n / QK_K * ACT_BYTES];
+            super::super::quantize_act_q8_k(&x, &mut a);
+            (s.to_string(), a)
+        })
+        .collect();
+        let mut rng = testdata::Rng::new(8);
+        for (name, level, d) in [
+            ("levels 127", Some(127u8), 1.0f32),
+            ("levels -128", Some(0x80), 1.0),
+            ("levels -127, d = 1e30", Some(0x81), 1e30),
+            ("random levels", None, 0.37),
+            ("random levels, d = 0", None, 0.0),
+            ("random levels, d < 0", None, -2.5e-3),
+        ] {
+            let mut a: Vec<u8> = (0..n / QK_K * ACT_BYTES)
+                .map(|_| level.unwrap_or(rng.next_u64() as u8))
+                .collect();
+            for blk in a.chunks_exact_mut(ACT_BYTES) {
+                blk[..4].copy_from_slice(&d.to_le_bytes());
+                if level.is_some() {
+                    // consistent bsums: 16 equal levels each
+                    let bsum = (16 * blk[ACT_QS] as i8 as i16).to_le_bytes();
+                    for j in 0..16 {
+                        blk[ACT_BSUMS + 2 * j..ACT_BSUMS + 2 * j + 2].copy_from_slice(&bsum);
+                    }
+                }
+            }
+            rows.push((name.to_string(), a));
+        }
+        rows
+    }
+
+    fn flavours() -> Vec<bool> {
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            vec![false, true]
+        } else {
+            eprintln!("this CPU has no dotprod: only the widening-multiply kernels were tested");
+            vec![false]
+        }
+    }
+
+    /// Every NEON kernel (1, 4, 8 activation rows; 4 weight rows; both flavours) equals the
+    /// scalar `vec_dot` bit for bit on every weight row × activation row.
+    #[test]
+    fn kernels_equal_the_scalar_reference_bit_for_bit() {
+        for n in [256, 512, 2816] {
+            let acts = act_rows(n);
+            for ty in TYPES {
+                let scalar = scalar_kernels(ty).unwrap();
+                let ws = weight_rows(ty, n);
+                let mut nonzero = 0;
+                for sdot in flavours() {
+                    let k = set_for(ty, sdot).unwrap();
+                    let want: Vec<Vec<f32>> = ws
+                        .iter()
+                        .map(|(_, w)| acts.iter().map(|(_, a)| (scalar.vec_dot)(w, a)).collect())
+                        .collect();
+                    for (wi, (wname, w)) in ws.iter().enumerate() {
+                        for (ai, (aname, a)) in acts.iter().enumerate() {
+                            let got = (k.vec_dot)(w, a);
+                            let what = format!("{ty} sdot={sdot} n={n} w='{wname}' a='{aname}'");
+                            assert!(same(got, want[wi][ai]), "{what}: {got} vs {}", want[wi][ai]);
+                            nonzero += (got != 0.0) as usize;
+                        }
+                        for s in 0..acts.len() {
+                            let idx: [usize; 8] = std::array::from_fn(|j| (s + j) % acts.len());
+                            let x4 =
+                                (k.vec_dot_x4)(w, std::array::from_fn(|j| &acts[idx[j]].1[..]));
+                            let x8 = (k.vec_dot_x8.unwrap())(w, idx.map(|i| &acts[i].1[..]));
+                            for j in 0..8 {
+                                let e = want[wi][idx[j]];
+                                assert!(
+                                    same(x8[j], e),
+                                    "{ty} sdot={sdot} n={n} x8 w='{wname}' lane {j}"
+                                );
+                                if j < 4 {
+                                    assert!(
+                                        same(x4[j], e),
+                                        "{ty} sdot={sdot} n={n} x4 w='{wname}' lane {j}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    for s in 0..ws.len() {
+                        let idx: [usize; 4] = std::array::from_fn(|j| (s + j) % ws.len());
+                        for (ai, (aname, a)) in acts.iter().enumerate() {
+                            let got = (k.vec_dot_4rows.unwrap())(idx.map(|i| &ws[i].1[..]), a);
+                            for j in 0..4 {
+                                let e = want[idx[j]][ai];
+                                assert!(
+                                    same(got[j], e),
+                                    "{ty} sdot={sdot} n={n} 4rows a='{aname}' w='{}': {} vs {e}",
+                                    ws[idx[j]].0,
+                                    got[j]
+                                );
+                            }
+                        }
+                    }
+                }
+                // the comparison means something only if the dots are mostly not zero
+                assert!(
+                    nonzero > ws.len() * acts.len() / 2,
+                    "{ty} n={n}: {nonzero} non-zero dots"
+                );
+            }
+        }
+    }
+
+    /// The NEON sets are what `kernels` hands out on this machine (SDOT where the CPU has it).
+    #[test]
+    fn dispatch_picks_neon() {
+        let f = cpu::arm_features();
+        for ty in TYPES {
+            let k = super::super::kernels(ty).unwrap();
+            assert_eq!(k.vec_dot_4rows.is_some(), f.neon, "{ty}");
+            assert_eq!(k.vec_dot_x8.is_some(), f.neon, "{ty}");
+        }
+        for ty in [GgmlType::Q8_0, GgmlType::IQ4_XS, GgmlType::Q8_K] {
+            assert!(set_for(ty, false).is_none(), "{ty}");
+        }
+    }
+}
