@@ -220,6 +220,11 @@ mod gemm {
 /// Activations to Q8_K as ggml's x86 `quantize_row_q8_K` (its reference: d = max/-127 with the
 /// signed absmax, 256 int8 levels, and the sums of every 16 levels).
 pub fn quantize_act_q8_k(x: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "aarch64")]
+    if cpu::arm_features().neon {
+        // SAFETY: NEON is present (checked just above).
+        return unsafe { neon::quantize_act_q8_k(x, out) };
+    }
     (crate::quant::kquants::q8_k::Q8_K_KERNELS.quantize_row)(x, out, None)
 }
 

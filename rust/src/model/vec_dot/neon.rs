@@ -263,6 +263,71 @@ pub unsafe fn quantize_act_q8(x: &[f32], out: &mut [u8], with_sum: bool) {
     }
 }
 
+/// Q8_K activation blocks (d f32 | 256 levels | 16 sums of 16 levels), byte for byte
+/// `quantize_row_q8_K_ref`'s: max = the first value of largest magnitude, iscale = -127/max,
+/// q = nearest_int(iscale·x) (its magic-number add and mantissa mask, reproduced on 4 lanes so
+/// even NaN and infinity land the same), min 127, truncated to i8; an all-zero block stays zeros.
+///
+/// Safety: the CPU must have NEON.
+#[target_feature(enable = "neon")]
+pub unsafe fn quantize_act_q8_k(x: &[f32], out: &mut [u8]) {
+    const QK_K: usize = 256;
+    const BYTES: usize = 292;
+    for (xb, ob) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(BYTES)) {
+        // SAFETY: xb holds 256 f32.
+        let v: [float32x4_t; 64] =
+            std::array::from_fn(|i| unsafe { vld1q_f32(xb.as_ptr().add(4 * i)) });
+        let mut m = vabsq_f32(v[0]);
+        for vi in &v[1..] {
+            m = vmaxq_f32(m, vabsq_f32(*vi));
+        }
+        let amax = vmaxvq_f32(m);
+        let max = if amax.is_nan() {
+            // the reference's `>` scan skips NaN where FMAX keeps it: scan as it does
+            let (mut amax, mut max) = (0f32, 0f32);
+            for &e in xb {
+                if e.abs() > amax {
+                    (amax, max) = (e.abs(), e);
+                }
+            }
+            max
+        } else {
+            // the first element of largest magnitude, four lanes at a time
+            let target = vdupq_n_f32(amax);
+            let quad = (0..64)
+                .find(|&i| vmaxvq_u32(vceqq_f32(vabsq_f32(v[i]), target)) != 0)
+                .unwrap_or(0);
+            let at = (4 * quad..4 * quad + 4).find(|&i| xb[i].abs() == amax);
+            at.map_or(0.0, |i| xb[i])
+        };
+        if max == 0.0 {
+            ob.fill(0);
+            continue;
+        }
+        let iscale = -127.0 / max;
+        let scale = vdupq_n_f32(iscale);
+        let (magic, mantissa) = (vdupq_n_f32(12_582_912.0), vdupq_n_u32(0x007f_ffff));
+        let (bias, top) = (vdupq_n_s32(0x0040_0000), vdupq_n_s32(127));
+        let levels: [int32x4_t; 64] = v.map(|vi| {
+            let shifted = vreinterpretq_u32_f32(vaddq_f32(vmulq_f32(scale, vi), magic));
+            let q = vsubq_s32(vreinterpretq_s32_u32(vandq_u32(shifted, mantissa)), bias);
+            vminq_s32(q, top)
+        });
+        for j in 0..16 {
+            // `as i8` keeps the low byte: two truncating narrows
+            let l = &levels[4 * j..4 * j + 4];
+            let lo = vmovn_high_s32(vmovn_s32(l[0]), l[1]);
+            let hi = vmovn_high_s32(vmovn_s32(l[2]), l[3]);
+            let q = vmovn_high_s16(vmovn_s16(lo), hi);
+            // SAFETY: ob holds 292 bytes; levels at 4.., sums at 260...
+            unsafe { vst1q_s8(ob.as_mut_ptr().add(4 + 16 * j) as *mut i8, q) };
+            let sum = vaddlvq_s8(q);
+            ob[260 + 2 * j..262 + 2 * j].copy_from_slice(&sum.to_le_bytes());
+        }
+        ob[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+}
+
 #[cfg(all(test, target_arch = "aarch64"))]
 mod tests {
     use super::*;
@@ -470,6 +535,38 @@ mod tests {
                     }
                     assert!(got == want, "n={n} '{name}' with_sum={with_sum}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_k_quantizer_writes_the_reference_bytes() {
+        use crate::quant::kquants::q8_k::Q8K;
+        use crate::quant::BlockQuant;
+        for n in [256, 256 * 11] {
+            let mut rows = f32_rows(n);
+            // ties on nearest_int's half-even rounding: max 127 makes iscale -1
+            let mut ties: Vec<f32> = (0..n).map(|i| (i % 64) as f32 * 0.5 - 16.0).collect();
+            ties.iter_mut().step_by(256).for_each(|v| *v = -127.0);
+            rows.push(("q8_k ties", ties));
+            let mut two_max = testdata::gaussian(11, n);
+            two_max[9] = 0.5;
+            two_max[200] = -0.5; // same magnitude, later: the first one is the max
+            rows.push(("equal magnitudes", two_max));
+            let mut neg_inf = testdata::gaussian(12, n);
+            neg_inf[77] = f32::NEG_INFINITY;
+            rows.push(("-inf", neg_inf));
+            let mut nan_first = testdata::gaussian(13, n);
+            nan_first[0] = f32::NAN;
+            rows.push(("NaN first", nan_first));
+            rows.push(("all NaN", vec![f32::NAN; n]));
+            rows.push(("negative zeros", vec![-0.0; n]));
+            for (name, x) in rows {
+                let (mut got, mut want) = (vec![0u8; n / 256 * 292], vec![0u8; n / 256 * 292]);
+                // SAFETY: NEON is in the aarch64 baseline.
+                unsafe { quantize_act_q8_k(&x, &mut got) };
+                Q8K::quantize_row_ref(&x, &mut want, None);
+                assert!(got == want, "n={n} '{name}'");
             }
         }
     }
