@@ -12,7 +12,9 @@
 
 use rayon::prelude::*;
 
-use crate::quant::{self, cpu, DequantizeRowFn};
+#[cfg(target_arch = "x86_64")]
+use crate::quant::cpu;
+use crate::quant::{self, DequantizeRowFn};
 use crate::types::GgmlType;
 
 use super::vec_dot;

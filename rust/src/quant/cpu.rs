@@ -59,6 +59,37 @@ pub fn has_avx2() -> bool {
     features().avx2
 }
 
+/// The aarch64 fast paths: NEON, and the SDOT instruction (`dotprod`) where the CPU has it.
+#[derive(Clone, Copy, Debug)]
+pub struct ArmFeatures {
+    pub neon: bool,
+    pub dotprod: bool,
+}
+
+/// aarch64 features, cached; all false elsewhere and under PYQMOE_NO_SIMD.
+pub fn arm_features() -> ArmFeatures {
+    static FEATURES: OnceLock<ArmFeatures> = OnceLock::new();
+    *FEATURES.get_or_init(detect_arm)
+}
+
+fn detect_arm() -> ArmFeatures {
+    let none = ArmFeatures {
+        neon: false,
+        dotprod: false,
+    };
+    if std::env::var_os("PYQMOE_NO_SIMD").is_some_and(|v| v != "0") {
+        return none;
+    }
+    #[cfg(target_arch = "aarch64")]
+    return ArmFeatures {
+        neon: std::arch::is_aarch64_feature_detected!("neon"),
+        dotprod: std::arch::is_aarch64_feature_detected!("neon")
+            && std::arch::is_aarch64_feature_detected!("dotprod"),
+    };
+    #[cfg(not(target_arch = "aarch64"))]
+    none
+}
+
 /// Short description of the fast paths in use, for `pyqmoe inspect --system` and bench reports.
 pub fn describe() -> String {
     let f = features();
@@ -77,6 +108,13 @@ pub fn describe() -> String {
     }
     if f.f16c {
         parts.push("f16c");
+    }
+    let arm = arm_features();
+    if arm.neon {
+        parts.push("neon");
+    }
+    if arm.dotprod {
+        parts.push("dotprod");
     }
     if parts.is_empty() {
         parts.push("scalar");

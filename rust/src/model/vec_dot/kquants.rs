@@ -24,6 +24,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::{quantize_act_q8_k, DotKernels, Rows4Fn, X8Fn};
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
 use crate::quant::kquants::{get_scale_min_k4, q3_k::scale_at, read_f16, QK_K};
 use crate::types::GgmlType;
 
@@ -36,6 +39,10 @@ const ACT_BSUMS: usize = 260;
 pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
     #[cfg(target_arch = "x86_64")]
     if let Some(k) = avx2_kernels(ty) {
+        return Some(k);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if let Some(k) = neon::kernels(ty) {
         return Some(k);
     }
     scalar_kernels(ty)

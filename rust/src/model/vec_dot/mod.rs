@@ -14,6 +14,8 @@ mod iquants;
 #[cfg(target_arch = "x86_64")]
 pub mod kgemm;
 mod kquants;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 /// Four weight rows against one quantized activation row.
 pub type Rows4Fn = fn([&[u8]; 4], &[u8]) -> [f32; 4];
@@ -101,6 +103,11 @@ fn q8_0_4rows() -> Option<Rows4Fn> {
             // SAFETY: AVX2, FMA and F16C are present (checked just above).
             return Some(|w, a| unsafe { avx2::vec_dot_q8_0_4rows(w, a) });
         }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if cpu::arm_features().neon {
+        // SAFETY: NEON is present (checked just above).
+        return Some(|w, a| unsafe { neon::vec_dot_q8_0_4rows(w, a) });
     }
     None
 }
@@ -231,6 +238,11 @@ mod gemm {
 /// Activations to Q8_K as ggml's x86 `quantize_row_q8_K` (its reference: d = max/-127 with the
 /// signed absmax, 256 int8 levels, and the sums of every 16 levels).
 pub fn quantize_act_q8_k(x: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "aarch64")]
+    if cpu::arm_features().neon {
+        // SAFETY: NEON is present (checked just above).
+        return unsafe { neon::quantize_act_q8_k(x, out) };
+    }
     (crate::quant::kquants::q8_k::Q8_K_KERNELS.quantize_row)(x, out, None)
 }
 
@@ -267,6 +279,11 @@ pub fn quantize_act_q8_0(x: &[f32], out: &mut [u8]) {
             // SAFETY: AVX2 and F16C are present (checked just above).
             return unsafe { avx2::quantize_act_q8(x, out, false) };
         }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if cpu::arm_features().neon {
+        // SAFETY: NEON is present (checked just above).
+        return unsafe { neon::quantize_act_q8(x, out, false) };
     }
     quantize_act_q8_0_scalar(x, out)
 }
@@ -314,6 +331,11 @@ pub fn vec_dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
             return unsafe { avx2::vec_dot_q8_0(w, a) };
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    if cpu::arm_features().neon {
+        // SAFETY: NEON is present (checked just above).
+        return unsafe { neon::vec_dot_q8_0(w, a) };
+    }
     vec_dot_q8_0_scalar(w, a)
 }
 
@@ -327,6 +349,11 @@ pub fn vec_dot_q8_0_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
             // SAFETY: AVX2, FMA and F16C are present (checked at run time just above).
             return unsafe { avx2::vec_dot_q8_0_x4(w, a) };
         }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if cpu::arm_features().neon {
+        // SAFETY: NEON is present (checked just above).
+        return unsafe { neon::vec_dot_q8_0_x4(w, a) };
     }
     a.map(|ai| vec_dot_q8_0_scalar(w, ai))
 }
@@ -687,6 +714,11 @@ pub fn quantize_act_q8_1(x: &[f32], out: &mut [u8]) {
             // SAFETY: AVX2 and F16C are present (checked just above).
             return unsafe { avx2::quantize_act_q8(x, out, true) };
         }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if cpu::arm_features().neon {
+        // SAFETY: NEON is present (checked just above).
+        return unsafe { neon::quantize_act_q8(x, out, true) };
     }
     quantize_act_q8_1_scalar(x, out)
 }

@@ -5,8 +5,10 @@
 use half::f16;
 
 use super::{grid_s, nearest_int, search_ref, weights, SearchFn, SearchParams, SubBlock};
+#[cfg(target_arch = "x86_64")]
+use crate::quant::cpu;
 use crate::quant::iq_tables::IQ3S_GRID;
-use crate::quant::{cpu, kernels_of, BlockQuant, Kernels};
+use crate::quant::{kernels_of, BlockQuant, Kernels};
 use crate::types::{GgmlType, QK_K};
 
 pub const BLOCK_BYTES: usize = 110;

@@ -29,6 +29,7 @@ pub(crate) struct Iq3Grid {
     /// Neighbour lists: a count, then that many grid indices.
     pub neighbours: Vec<u16>,
     /// The same lists laid out for 8-wide SIMD.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the AVX2 search only
     pub lanes: NeighbourLanes,
 }
 

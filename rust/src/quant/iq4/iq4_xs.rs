@@ -8,7 +8,9 @@ use super::{
     dequantize_nibbles_ref, indices_ref, pack_nibbles, quantize_superblock, search_scale_ref,
 };
 use super::{IndexFn, ScaleSearchFn};
-use crate::quant::{cpu, kernels_of, BlockQuant, Kernels};
+#[cfg(target_arch = "x86_64")]
+use crate::quant::cpu;
+use crate::quant::{kernels_of, BlockQuant, Kernels};
 use crate::types::{GgmlType, QK_K};
 
 pub const BLOCK_BYTES: usize = 136;
