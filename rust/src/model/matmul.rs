@@ -138,6 +138,11 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
                 .zip(x.par_chunks(n_cols))
                 .for_each(|(q, xr)| (k.quantize_act)(xr, q));
             let xqs: Vec<&[u8]> = xq.chunks_exact(act_row).collect();
+            // the GEMM's own activation form, where it has one (made once for all row blocks)
+            let prepared = gemm16.and_then(|g| g.prepare).map(|p| p(&xqs));
+            let gemm_xs: Option<Vec<&[u8]>> = prepared
+                .as_ref()
+                .map(|(buf, row)| buf.chunks_exact((*row).max(1)).collect());
             let q8_0_tiles = w.ty == GgmlType::Q8_0 && n_tok >= 4;
             let da = if q8_0_tiles && !token_major {
                 vec_dot::q8_0_act_scales(&xqs)
@@ -151,7 +156,7 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
                     let rows = &w.data[r0 * row_bytes..(r0 + out.len() / n_tok) * row_bytes];
                     let wrows: Vec<&[u8]> = rows.chunks_exact(row_bytes).collect();
                     if let Some(g) = gemm16 {
-                        gemm16_block(g, rows, row_bytes, &xqs, out, &k);
+                        gemm16_block(g.run, rows, row_bytes, &xqs, gemm_xs.as_deref(), out, &k);
                         return;
                     }
                     // Q8_0 batches: 2-row × 4-token tiles (bit-identical to the per-row kernels)
@@ -287,13 +292,14 @@ fn gemm16_block(
     rows: &[u8],
     row_bytes: usize,
     xs: &[&[u8]],
+    gemm_xs: Option<&[&[u8]]>,
     out: &mut [f32],
     k: &vec_dot::DotKernels,
 ) {
     let n_tok = xs.len();
     let nr = rows.len() / row_bytes;
     let groups = nr / 16;
-    g(rows, row_bytes, groups, xs, out, nr);
+    g(rows, row_bytes, groups, gemm_xs.unwrap_or(xs), out, nr);
     if groups * 16 < nr {
         let tail: Vec<&[u8]> = rows[groups * 16 * row_bytes..]
             .chunks_exact(row_bytes)

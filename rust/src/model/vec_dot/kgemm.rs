@@ -17,7 +17,7 @@
 
 use std::arch::x86_64::*;
 
-use super::Gemm16Fn;
+use super::{Gemm16, Gemm16Fn};
 use crate::quant::cpu;
 use crate::types::GgmlType;
 
@@ -30,17 +30,27 @@ const ACT_BSUMS: usize = 260;
 pub const ROWS: usize = 16;
 
 /// The 16-row GEMM for `ty`, where the CPU has AVX512-F/BW/VNNI and the type has one.
-pub fn gemm16(ty: GgmlType) -> Option<Gemm16Fn> {
+pub fn gemm16(ty: GgmlType) -> Option<Gemm16> {
     let f = cpu::features();
     if !(f.avx512f && f.avx512bw && f.avx512vnni) {
         return None;
     }
+    let plain = |run: Gemm16Fn| Gemm16 { run, prepare: None };
     // SAFETY (every closure): AVX512-F, -BW and -VNNI are present, checked just above.
     Some(match ty {
-        GgmlType::Q4_K => |w, rb, g, xs, out, st| unsafe { gemm::<Q4K>(w, rb, g, xs, out, st) },
-        GgmlType::Q5_K => |w, rb, g, xs, out, st| unsafe { gemm::<Q5K>(w, rb, g, xs, out, st) },
-        GgmlType::Q6_K => |w, rb, g, xs, out, st| unsafe { gemm::<Q6K>(w, rb, g, xs, out, st) },
-        GgmlType::Q8_0 => |w, rb, g, xs, out, st| unsafe { gemm_q8_0(w, rb, g, xs, out, st) },
+        GgmlType::Q4_K => {
+            plain(|w, rb, g, xs, out, st| unsafe { gemm::<Q4K>(w, rb, g, xs, out, st) })
+        }
+        GgmlType::Q5_K => {
+            plain(|w, rb, g, xs, out, st| unsafe { gemm::<Q5K>(w, rb, g, xs, out, st) })
+        }
+        GgmlType::Q6_K => {
+            plain(|w, rb, g, xs, out, st| unsafe { gemm::<Q6K>(w, rb, g, xs, out, st) })
+        }
+        GgmlType::Q8_0 => Gemm16 {
+            run: |w, rb, g, xs, out, st| unsafe { gemm_q8_0(w, rb, g, xs, out, st) },
+            prepare: Some(prepare_q8_0),
+        },
         _ => return None,
     })
 }
@@ -458,39 +468,44 @@ unsafe fn gemm_q8_0(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    // once for all groups: the activations' f16 scales as f32, and their levels offset by +128
-    // (as unsigned bytes, 32 per block, no scales in between)
-    let nb = row_bytes / 34;
-    assert!(
-        xs.iter().all(|x| x.len() >= nb * 34),
-        "activation row too short"
-    );
-    let mut da = vec![0f32; xs.len() * nb];
-    let mut au = vec![0u8; xs.len() * nb * 32];
-    for (t, x) in xs.iter().enumerate() {
-        for b in 0..nb {
-            da[t * nb + b] = half::f16::from_le_bytes([x[34 * b], x[34 * b + 1]]).to_f32();
-            let dst = &mut au[(t * nb + b) * 32..(t * nb + b + 1) * 32];
-            for (u, &q) in dst.iter_mut().zip(&x[34 * b + 2..34 * b + 34]) {
-                *u = q ^ 0x80;
-            }
-        }
-    }
-    let xu: Vec<&[u8]> = au.chunks_exact((nb * 32).max(1)).collect();
     for g in 0..groups {
         let w = &w[g * ROWS * row_bytes..];
-        gemm_q8_0_group(w, row_bytes, &xu, &da, &mut out[g * ROWS..], out_stride);
+        gemm_q8_0_group(w, row_bytes, xs, &mut out[g * ROWS..], out_stride);
     }
 }
 
-/// One group of 16 rows; `xs` holds the activation levels +128 (32 bytes per block), `da` their
-/// scales (nb per token).
+/// Q8_0 activation rows in the form `gemm_q8_0` reads, made once per multiply: per token, the nb
+/// block scales as f32, then the nb × 32 levels offset by +128 (unsigned bytes). Returns the
+/// buffer and its row length.
+pub fn prepare_q8_0(xs: &[&[u8]]) -> (Vec<u8>, usize) {
+    let nb = xs.first().map_or(0, |x| x.len() / 34);
+    let row = nb * 36;
+    let mut buf = vec![0u8; xs.len() * row];
+    for (x, dst) in xs.iter().zip(buf.chunks_exact_mut(row.max(1))) {
+        let (scales, levels) = dst.split_at_mut(4 * nb);
+        for ((blk, d), l) in x
+            .chunks_exact(34)
+            .zip(scales.chunks_exact_mut(4))
+            .zip(levels.chunks_exact_mut(32))
+        {
+            let f = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+            d.copy_from_slice(&f.to_le_bytes());
+            // +128 on a two's-complement byte is flipping its top bit: 8 bytes at a time
+            for (lo, q) in l.chunks_exact_mut(8).zip(blk[2..].chunks_exact(8)) {
+                let v = u64::from_le_bytes(q.try_into().expect("8 bytes")) ^ 0x8080_8080_8080_8080;
+                lo.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    (buf, row)
+}
+
+/// One group of 16 rows; `xs` are `prepare_q8_0` rows.
 #[inline(always)]
 unsafe fn gemm_q8_0_group(
     w: &[u8],
     row_bytes: usize,
     xs: &[&[u8]],
-    da: &[f32],
     out: &mut [f32],
     out_stride: usize,
 ) {
@@ -503,10 +518,9 @@ unsafe fn gemm_q8_0_group(
     );
     assert!(row_bytes * ROWS < i32::MAX as usize);
     assert!(
-        xs.iter().all(|x| x.len() >= nb * 32),
-        "offset activation row too short"
+        xs.iter().all(|x| x.len() >= nb * 36),
+        "prepared activation row too short"
     );
-    assert!(da.len() >= n_tok * nb, "activation scales");
     assert!(n_tok == 0 || out.len() >= (n_tok - 1) * out_stride + ROWS);
     let row_off = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -533,15 +547,16 @@ unsafe fn gemm_q8_0_group(
     while t < n_tok {
         let pair = t + 1 < n_tok;
         let t1 = if pair { t + 1 } else { t };
-        let a = [xs[t].as_ptr(), xs[t1].as_ptr()];
-        let das = [&da[t * nb..(t + 1) * nb], &da[t1 * nb..(t1 + 1) * nb]];
+        // SAFETY: rows hold nb f32 scales, then nb × 32 levels (asserted above)
+        let a = [xs[t].as_ptr().add(4 * nb), xs[t1].as_ptr().add(4 * nb)];
+        let das = [xs[t].as_ptr() as *const f32, xs[t1].as_ptr() as *const f32];
         let mut acc = [[_mm512_setzero_ps(); 8]; 2];
         for blk in 0..nb {
             // SAFETY: block `blk` < nb lies inside both activation rows (asserted above).
             let ab = [a[0].add(blk * 32), a[1].add(blk * 32)];
             let d = [
-                _mm512_mul_ps(dw[blk], _mm512_set1_ps(das[0][blk])),
-                _mm512_mul_ps(dw[blk], _mm512_set1_ps(das[1][blk])),
+                _mm512_mul_ps(dw[blk], _mm512_set1_ps(das[0].add(blk).read_unaligned())),
+                _mm512_mul_ps(dw[blk], _mm512_set1_ps(das[1].add(blk).read_unaligned())),
             ];
             for s in 0..8 {
                 let (lv, st) = (wq[blk * 8 + s], start[blk * 8 + s]);
@@ -564,6 +579,27 @@ unsafe fn gemm_q8_0_group(
             _mm512_storeu_ps(out[o..o + ROWS].as_mut_ptr(), r);
         }
         t += 2;
+    }
+}
+
+/// Runs a GEMM the way `matmul` does: activations prepared first where it wants them.
+#[cfg(test)]
+fn run_gemm(
+    g: &Gemm16,
+    w: &[u8],
+    rb: usize,
+    groups: usize,
+    xs: &[&[u8]],
+    out: &mut [f32],
+    stride: usize,
+) {
+    match g.prepare {
+        Some(prepare) => {
+            let (buf, row) = prepare(xs);
+            let rows: Vec<&[u8]> = buf.chunks_exact(row.max(1)).collect();
+            (g.run)(w, rb, groups, &rows, out, stride)
+        }
+        None => (g.run)(w, rb, groups, xs, out, stride),
     }
 }
 
@@ -650,7 +686,7 @@ mod tests {
                     let xs: Vec<&[u8]> = acts.iter().take(n_tok).map(|a| a.as_slice()).collect();
                     let stride = n_rows + 3;
                     let mut out = vec![f32::NAN; stride * n_tok];
-                    g(&w, rb, groups, &xs, &mut out, stride);
+                    run_gemm(&g, &w, rb, groups, &xs, &mut out, stride);
                     for r in 0..n_rows {
                         for t in 0..n_tok {
                             let want = (k.vec_dot)(&w[r * rb..(r + 1) * rb], xs[t]);
@@ -706,7 +742,7 @@ mod tests {
             let xs: Vec<&[u8]> = acts.iter().map(|a| a.as_slice()).collect();
             let rb = nb * bytes;
             let mut out = vec![f32::NAN; ROWS * xs.len()];
-            g(&w, rb, 1, &xs, &mut out, ROWS);
+            run_gemm(&g, &w, rb, 1, &xs, &mut out, ROWS);
             for r in 0..ROWS {
                 for (t, x) in xs.iter().enumerate() {
                     let want = (k.vec_dot)(&w[r * rb..(r + 1) * rb], x);
@@ -759,7 +795,7 @@ mod speed {
                 let t0 = std::time::Instant::now();
                 let reps = 20;
                 for _ in 0..reps {
-                    g(&w, rb, rows / 16, &xs, &mut out, rows);
+                    run_gemm(&g, &w, rb, rows / 16, &xs, &mut out, rows);
                 }
                 let blocks = (reps * rows / 16 * n / 256) as f64;
                 let ns = t0.elapsed().as_nanos() as f64 / blocks;
@@ -795,7 +831,7 @@ mod speed {
         let (mut best_new, mut best_old) = (f64::MAX, f64::MAX);
         for _ in 0..15 {
             let t0 = std::time::Instant::now();
-            g(&w, rb, rows / 16, &xs, &mut out, rows);
+            run_gemm(&g, &w, rb, rows / 16, &xs, &mut out, rows);
             best_new = best_new.min(t0.elapsed().as_secs_f64());
             let t0 = std::time::Instant::now();
             let da = q8_0_act_scales(&xs);
@@ -836,7 +872,7 @@ mod speed {
             let (mut best_new, mut best_old) = (f64::MAX, f64::MAX);
             for _ in 0..15 {
                 let t0 = std::time::Instant::now();
-                g(&w, rb, rows / 16, &xs, &mut out, rows);
+                run_gemm(&g, &w, rb, rows / 16, &xs, &mut out, rows);
                 best_new = best_new.min(t0.elapsed().as_secs_f64());
                 let t0 = std::time::Instant::now();
                 for (r, wr) in w.chunks_exact(rb).enumerate() {

@@ -46,8 +46,19 @@ pub type X8Fn = fn(&[u8], [&[u8]; 8]) -> [f32; 8];
 pub type Gemm16Fn =
     fn(w: &[u8], row_bytes: usize, groups: usize, xs: &[&[u8]], out: &mut [f32], out_stride: usize);
 
+/// Puts a batch of quantized activation rows into the form a `Gemm16Fn` reads (once per multiply);
+/// returns the buffer and its row length.
+pub type PrepareFn = fn(xs: &[&[u8]]) -> (Vec<u8>, usize);
+
+/// A prompt GEMM: `run` reads the activation rows as quantized, or as `prepare` makes them.
+#[derive(Clone, Copy)]
+pub struct Gemm16 {
+    pub run: Gemm16Fn,
+    pub prepare: Option<PrepareFn>,
+}
+
 /// The 16-row prompt GEMM for `ty` where the CPU has one (AVX512-VNNI: Q4_K, Q5_K, Q6_K, Q8_0).
-pub fn kquant_gemm16(ty: GgmlType) -> Option<Gemm16Fn> {
+pub fn kquant_gemm16(ty: GgmlType) -> Option<Gemm16> {
     #[cfg(target_arch = "x86_64")]
     return kgemm::gemm16(ty);
     #[cfg(not(target_arch = "x86_64"))]
