@@ -32,40 +32,52 @@ pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
     if !(f.avx2 && f.fma && f.f16c) {
         return None;
     }
-    type Pair = (fn(&[u8], &[u8]) -> f32, fn(&[u8], [&[u8]; 4]) -> [f32; 4]);
+    type Triple = (
+        fn(&[u8], &[u8]) -> f32,
+        fn(&[u8], [&[u8]; 4]) -> [f32; 4],
+        super::super::X8Fn,
+    );
     // SAFETY (every closure): AVX2, FMA and F16C are present, checked just above.
-    let (vec_dot, vec_dot_x4): Pair = match ty {
+    let (vec_dot, vec_dot_x4, vec_dot_x8): Triple = match ty {
         T::IQ4_XS => (
             |w, a| unsafe { dot_iq4_xs(w, a) },
-            |w, a| unsafe { dot_iq4_xs_x4(w, a) },
+            |w, a| unsafe { dot_iq4_xs_x4::<4>(w, a) },
+            |w, a| unsafe { dot_iq4_xs_x4::<8>(w, a) },
         ),
         T::IQ2_XXS => (
             |w, a| unsafe { dot_iq2_xxs(w, a) },
-            |w, a| unsafe { dot_iq2_xxs_x4(w, a) },
+            |w, a| unsafe { dot_iq2_xxs_x4::<4>(w, a) },
+            |w, a| unsafe { dot_iq2_xxs_x4::<8>(w, a) },
         ),
         T::IQ2_XS => (
             |w, a| unsafe { dot_iq2_xs(w, a) },
-            |w, a| unsafe { dot_iq2_xs_x4(w, a) },
+            |w, a| unsafe { dot_iq2_xs_x4::<4>(w, a) },
+            |w, a| unsafe { dot_iq2_xs_x4::<8>(w, a) },
         ),
         T::IQ2_S => (
             |w, a| unsafe { dot_iq2_s(w, a) },
-            |w, a| unsafe { dot_iq2_s_x4(w, a) },
+            |w, a| unsafe { dot_iq2_s_x4::<4>(w, a) },
+            |w, a| unsafe { dot_iq2_s_x4::<8>(w, a) },
         ),
         T::IQ3_XXS => (
             |w, a| unsafe { dot_iq3_xxs(w, a) },
-            |w, a| unsafe { dot_iq3_xxs_x4(w, a) },
+            |w, a| unsafe { dot_iq3_xxs_x4::<4>(w, a) },
+            |w, a| unsafe { dot_iq3_xxs_x4::<8>(w, a) },
         ),
         T::IQ3_S => (
             |w, a| unsafe { dot_iq3_s(w, a) },
-            |w, a| unsafe { dot_iq3_s_x4(w, a) },
+            |w, a| unsafe { dot_iq3_s_x4::<4>(w, a) },
+            |w, a| unsafe { dot_iq3_s_x4::<8>(w, a) },
         ),
         T::IQ1_S => (
             |w, a| unsafe { dot_iq1_s(w, a) },
-            |w, a| unsafe { dot_iq1_s_x4(w, a) },
+            |w, a| unsafe { dot_iq1_s_x4::<4>(w, a) },
+            |w, a| unsafe { dot_iq1_s_x4::<8>(w, a) },
         ),
         T::IQ1_M => (
             |w, a| unsafe { dot_iq1_m(w, a) },
-            |w, a| unsafe { dot_iq1_m_x4(w, a) },
+            |w, a| unsafe { dot_iq1_m_x4::<4>(w, a) },
+            |w, a| unsafe { dot_iq1_m_x4::<8>(w, a) },
         ),
         _ => return None,
     };
@@ -75,7 +87,7 @@ pub fn kernels(ty: GgmlType) -> Option<DotKernels> {
         vec_dot,
         vec_dot_x4,
         vec_dot_4rows: None,
-        vec_dot_x8: None,
+        vec_dot_x8: Some(vec_dot_x8),
     })
 }
 
@@ -661,17 +673,18 @@ macro_rules! kernels {
             hsum(acc) * $factor
         }
 
-        /// SAFETY: the CPU must have AVX2, FMA and F16C.
+        /// R activation rows (4 or 8), each weight chunk decoded once for all; every row's sums
+        /// are the 1-row kernel's. SAFETY: the CPU must have AVX2, FMA and F16C.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $dot_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+        unsafe fn $dot_x4<const R: usize>(w: &[u8], a: [&[u8]; R]) -> [f32; R] {
             let n = w.len() / $bytes;
             assert!(
                 a.iter().all(|r| r.len() >= n * Q8K_BYTES),
                 "activation row too short"
             );
-            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut acc = [_mm256_setzero_ps(); R];
             if n == 0 {
-                return [0.0; 4];
+                return [0.0; R];
             }
             let mut next = $prep(&w[..$bytes]); // one block ahead, as in the 1-row kernel
             for (i, wb) in w.chunks_exact($bytes).enumerate() {
@@ -680,27 +693,26 @@ macro_rules! kernels {
                 if i + 1 < n {
                     next = $prep(&w[(i + 1) * $bytes..(i + 2) * $bytes]);
                 }
-                let mut isum = [_mm256_setzero_si256(); 4];
+                let mut isum = [_mm256_setzero_si256(); R];
                 for ib in 0..8 {
                     let c = $chunk(wb, &p, ib);
-                    for j in 0..4 {
+                    for j in 0..R {
                         let qa = ab[j].add(Q8K_QS + 32 * ib);
                         isum[j] = _mm256_add_epi32(isum[j], chunk_dot(c, qa));
                     }
                 }
                 let dw = p.d;
-                for j in 0..4 {
+                for j in 0..R {
                     isum[j] = _mm256_add_epi32(isum[j], $extra(&p, ab[j]));
                     let d = _mm256_set1_ps(dw * act_d(ab[j]));
                     acc[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[j]), acc[j]);
                 }
             }
-            [
-                hsum(acc[0]) * $factor,
-                hsum(acc[1]) * $factor,
-                hsum(acc[2]) * $factor,
-                hsum(acc[3]) * $factor,
-            ]
+            let mut out = [0f32; R];
+            for j in 0..R {
+                out[j] = hsum(acc[j]) * $factor;
+            }
+            out
         }
     };
 }

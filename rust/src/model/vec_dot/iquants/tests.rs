@@ -238,6 +238,34 @@ fn x4_equals_four_single_calls() {
     }
 }
 
+/// The 8-row prompt kernel gives the same bits as 8 separate calls (rows repeating too).
+#[test]
+fn x8_equals_eight_single_calls() {
+    let n = 2816;
+    let imatrix = testdata::importance(7, n);
+    let acts = activation_rows(n);
+    for ty in TYPES {
+        let w = quant::quantize("w", &testdata::heavy_tailed(6, n), n, ty, Some(&imatrix)).unwrap();
+        let k = kernels(ty).unwrap();
+        let Some(x8) = k.vec_dot_x8 else {
+            assert!(
+                !crate::quant::cpu::features().avx2,
+                "{ty}: AVX2 kernels have an x8"
+            );
+            continue;
+        };
+        let batch: [&[u8]; 8] = std::array::from_fn(|j| &acts[(3 * j + 1) % acts.len()][..]);
+        let eight = x8(&w, batch);
+        for (j, a) in batch.iter().enumerate() {
+            assert_eq!(
+                eight[j].to_bits(),
+                (k.vec_dot)(&w, a).to_bits(),
+                "{ty} row {j}"
+            );
+        }
+    }
+}
+
 // ---- against llama.cpp ------------------------------------------------------------------------
 
 fn f32s(b: &[u8]) -> Vec<f32> {
@@ -337,7 +365,7 @@ fn matches_llama_cpp() {
 
 /// Timing, not a check: `cargo test --release --lib iquants::tests::speed -- --ignored --nocapture`
 /// (REPS=n to change the repetitions).
-/// ns per 256-value block and activation row, for the 1-row and the 4-row kernels, on 256 rows of
+/// ns per 256-value block and activation row, for the 1-, 4- and 8-row kernels, on 256 rows of
 /// 4096 random-byte blocks (weights L2-resident, as in a matmul tile).
 #[test]
 #[ignore]
@@ -364,7 +392,8 @@ fn speed() {
             }
         }
         let reps = std::env::var("REPS").map_or(200, |v| v.parse().unwrap());
-        let (mut best1, mut best4, mut sink) = (f64::MAX, f64::MAX, 0f32);
+        let (mut best1, mut best4, mut best8, mut sink) = (f64::MAX, f64::MAX, f64::MAX, 0f32);
+        let batch8: [&[u8]; 8] = std::array::from_fn(|j| batch[j % 4]);
         for _ in 0..5 {
             let t = std::time::Instant::now();
             for _ in 0..reps {
@@ -380,13 +409,23 @@ fn speed() {
                 }
             }
             best4 = best4.min(t.elapsed().as_secs_f64());
+            if let Some(x8) = k.vec_dot_x8 {
+                let t = std::time::Instant::now();
+                for _ in 0..reps / 8 {
+                    for wr in w.chunks_exact(rb) {
+                        sink += x8(wr, batch8)[7];
+                    }
+                }
+                best8 = best8.min(t.elapsed().as_secs_f64());
+            }
         }
         let per = |s: f64| s * 1e9 / (reps * rows * n / 256) as f64;
         eprintln!(
-            "{:8} vec_dot {:6.2} ns/block, vec_dot_x4 {:6.2} ns/block/row (sink {sink})",
+            "{:8} vec_dot {:6.2}, vec_dot_x4 {:6.2}, vec_dot_x8 {:6.2} ns/block/row (sink {sink})",
             ty.name(),
             per(best1),
-            per(best4)
+            per(best4),
+            per(best8)
         );
     }
 }
