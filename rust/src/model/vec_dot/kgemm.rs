@@ -51,6 +51,10 @@ pub fn gemm16(ty: GgmlType) -> Option<Gemm16> {
             run: |w, rb, g, xs, out, st| unsafe { gemm_q8_0(w, rb, g, xs, out, st) },
             prepare: Some(prepare_q8_0),
         },
+        GgmlType::IQ4_XS => Gemm16 {
+            run: |w, rb, g, xs, out, st| unsafe { gemm_iq4_xs(w, rb, g, xs, out, st) },
+            prepare: Some(prepare_q8_k_i16),
+        },
         _ => return None,
     })
 }
@@ -582,6 +586,173 @@ unsafe fn gemm_q8_0_group(
     }
 }
 
+/// Q8_K activation rows as i16 for `gemm_iq4_xs`, made once per multiply: per token the nb block
+/// scales d as f32, then the nb × 256 levels as little-endian i16. Returns the buffer and its row
+/// length.
+pub fn prepare_q8_k_i16(xs: &[&[u8]]) -> (Vec<u8>, usize) {
+    let nb = xs.first().map_or(0, |x| x.len() / ACT_BYTES);
+    let row = nb * (4 + 512);
+    let mut buf = vec![0u8; xs.len() * row];
+    for (x, dst) in xs.iter().zip(buf.chunks_exact_mut(row.max(1))) {
+        let (scales, levels) = dst.split_at_mut(4 * nb);
+        for ((blk, d), l) in x
+            .chunks_exact(ACT_BYTES)
+            .zip(scales.chunks_exact_mut(4))
+            .zip(levels.chunks_exact_mut(512))
+        {
+            d.copy_from_slice(&blk[..4]);
+            for (o, &q) in l.chunks_exact_mut(2).zip(&blk[ACT_QS..ACT_QS + 256]) {
+                o.copy_from_slice(&(q as i8 as i16).to_le_bytes());
+            }
+        }
+    }
+    (buf, row)
+}
+
+/// IQ4_XS rows × Q8_K activations, 16 rows × 2 tokens per tile, bit-identical to the AVX2
+/// `vec_dot` (`iquants::avx2`): there a block's 8 chunks of 32 add, per int32 lane l, the
+/// products of elements 4l..4l+4 times the chunk's scale, the lanes are scaled once by d_w·d_a
+/// into 8 float lanes by FMA, and summed pairwise at the end. Here weights are decoded once per
+/// batch into i16 pairs (level × scale) and meet the activations as i16 with `vpdpwssd`, two
+/// instructions per step of 4 elements into lane l's accumulator, so every lane integer is the
+/// same; each token keeps the 8 float lanes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn gemm_iq4_xs(
+    w: &[u8],
+    row_bytes: usize,
+    groups: usize,
+    xs: &[&[u8]],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    for g in 0..groups {
+        let w = &w[g * ROWS * row_bytes..];
+        gemm_iq4_xs_group(w, row_bytes, xs, &mut out[g * ROWS..], out_stride);
+    }
+}
+
+/// One group of 16 IQ4_XS rows; `xs` are `prepare_q8_k_i16` rows.
+#[inline(always)]
+unsafe fn gemm_iq4_xs_group(
+    w: &[u8],
+    row_bytes: usize,
+    xs: &[&[u8]],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    const BLOCK: usize = 136;
+    let n_tok = xs.len();
+    let nb = row_bytes / BLOCK;
+    assert!(
+        w.len() >= (ROWS - 1) * row_bytes + nb * BLOCK,
+        "16 weight rows"
+    );
+    assert!(row_bytes * ROWS < i32::MAX as usize);
+    assert!(
+        xs.iter().all(|x| x.len() >= nb * 516),
+        "prepared activation row too short"
+    );
+    assert!(n_tok == 0 || out.len() >= (n_tok - 1) * out_stride + ROWS);
+    let row_off = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(row_bytes as i32),
+    );
+    let table = _mm512_broadcast_i32x4(_mm_loadu_si128(
+        crate::quant::iq_tables::KVALUES_IQ4NL.as_ptr() as *const __m128i,
+    ));
+    let (m4, odd) = (_mm512_set1_epi8(0x0f), 0xaaaa_aaaau32);
+    // every block of the 16 rows, decoded once: per step s two i16-pair registers, and d
+    let mut wp = vec![_mm512_setzero_si512(); nb * 128];
+    let mut dw = vec![_mm512_setzero_ps(); nb];
+    for blk in 0..nb {
+        // SAFETY: block `blk` < nb of all 16 rows lies inside w (asserted above).
+        let p = w.as_ptr().add(blk * BLOCK);
+        let head = gather(p, row_off, 0);
+        dw[blk] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+        let scales_h = _mm512_srli_epi32::<16>(head);
+        let scales_l = gather(p, row_off, 4);
+        let qs = [load_t(p, row_bytes, 8, 16), load_t(p, row_bytes, 72, 16)];
+        for ib in 0..8 {
+            // ls = (4 bits of scales_l | 2 bits of scales_h << 4) − 32, in both i16 halves
+            let lo = _mm512_and_si512(
+                _mm512_srlv_epi32(scales_l, _mm512_set1_epi32(4 * ib as i32)),
+                _mm512_set1_epi32(0xf),
+            );
+            let hi = _mm512_and_si512(
+                _mm512_srlv_epi32(scales_h, _mm512_set1_epi32(2 * ib as i32)),
+                _mm512_set1_epi32(3),
+            );
+            let ls = _mm512_sub_epi32(
+                _mm512_or_si512(lo, _mm512_slli_epi32::<4>(hi)),
+                _mm512_set1_epi32(32),
+            );
+            let ls16 = _mm512_or_si512(
+                _mm512_and_si512(ls, _mm512_set1_epi32(0xffff)),
+                _mm512_slli_epi32::<16>(ls),
+            );
+            for l in 0..8 {
+                // step 8ib + l: low (l < 4) or high nibbles of qs dword 4ib + l % 4
+                let raw = qs[ib / 4][4 * (ib % 4) + l % 4];
+                let nib = if l < 4 {
+                    _mm512_and_si512(raw, m4)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi32::<4>(raw), m4)
+                };
+                let v = _mm512_shuffle_epi8(table, nib);
+                // bytes b0..b3 of each lane -> i16 pairs (b0, b1) and (b2, b3)
+                let even = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(v));
+                let oddb = _mm512_srai_epi16::<8>(v);
+                let pair0 = _mm512_mask_blend_epi16(odd, even, _mm512_slli_epi32::<16>(oddb));
+                let pair1 = _mm512_mask_blend_epi16(odd, _mm512_srli_epi32::<16>(even), oddb);
+                let s = 8 * ib + l;
+                wp[blk * 128 + 2 * s] = _mm512_mullo_epi16(pair0, ls16);
+                wp[blk * 128 + 2 * s + 1] = _mm512_mullo_epi16(pair1, ls16);
+            }
+        }
+    }
+    let mut t = 0;
+    while t < n_tok {
+        let pair = t + 1 < n_tok;
+        let t1 = if pair { t + 1 } else { t };
+        // SAFETY: rows hold nb f32 scales, then nb × 256 i16 levels (asserted above)
+        let das = [xs[t].as_ptr() as *const f32, xs[t1].as_ptr() as *const f32];
+        let a = [xs[t].as_ptr().add(4 * nb), xs[t1].as_ptr().add(4 * nb)];
+        let mut acc = [[_mm512_setzero_ps(); 8]; 2];
+        for blk in 0..nb {
+            let mut isum = [[_mm512_setzero_si512(); 8]; 2];
+            for s in 0..64 {
+                let (w0, w1) = (wp[blk * 128 + 2 * s], wp[blk * 128 + 2 * s + 1]);
+                for j in 0..2 {
+                    let ap = a[j].add(blk * 512 + 8 * s);
+                    let a0 = _mm512_set1_epi32((ap as *const i32).read_unaligned());
+                    let a1 = _mm512_set1_epi32((ap.add(4) as *const i32).read_unaligned());
+                    let lane = &mut isum[j][s % 8];
+                    *lane = _mm512_dpwssd_epi32(*lane, w0, a0);
+                    *lane = _mm512_dpwssd_epi32(*lane, w1, a1);
+                }
+            }
+            for j in 0..2 {
+                let d = _mm512_mul_ps(dw[blk], _mm512_set1_ps(das[j].add(blk).read_unaligned()));
+                for l in 0..8 {
+                    acc[j][l] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(isum[j][l]), acc[j][l]);
+                }
+            }
+        }
+        for j in 0..if pair { 2 } else { 1 } {
+            // the 1-row kernel's hsum: lanes l and l+4 first, then (0+2)+(1+3); IQ4_XS's factor 1
+            let v = &acc[j];
+            let mut q = [_mm512_setzero_ps(); 4];
+            for l in 0..4 {
+                q[l] = _mm512_add_ps(v[l], v[l + 4]);
+            }
+            let r = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
+            let o = (t + j) * out_stride;
+            _mm512_storeu_ps(out[o..o + ROWS].as_mut_ptr(), r);
+        }
+        t += 2;
+    }
+}
+
 /// Runs a GEMM the way `matmul` does: activations prepared first where it wants them.
 #[cfg(test)]
 fn run_gemm(
@@ -673,6 +844,7 @@ mod tests {
             GgmlType::Q5_K,
             GgmlType::Q6_K,
             GgmlType::Q8_0,
+            GgmlType::IQ4_XS,
         ] {
             let k = kernels(ty).unwrap();
             let g = gemm16(ty).unwrap();
@@ -720,6 +892,7 @@ mod tests {
             GgmlType::Q5_K,
             GgmlType::Q6_K,
             GgmlType::Q8_0,
+            GgmlType::IQ4_XS,
         ] {
             let k = kernels(ty).unwrap();
             let g = gemm16(ty).unwrap();
@@ -730,7 +903,7 @@ mod tests {
             for blk in w.chunks_exact_mut(bytes) {
                 let d_at = match ty {
                     GgmlType::Q6_K => vec![208],
-                    GgmlType::Q8_0 => vec![0],
+                    GgmlType::Q8_0 | GgmlType::IQ4_XS => vec![0],
                     _ => vec![0, 2],
                 };
                 for o in d_at {
@@ -846,12 +1019,17 @@ mod speed {
         );
     }
 
-    /// k-quants: this GEMM against the 8-token kernels it replaces (`vec_dot_x8`), interleaved
+    /// k-quants and IQ4_XS: this GEMM against the 8-token kernels it replaces (`vec_dot_x8`), interleaved
     /// runs, best of 15 (`cargo test --release --lib kgemm::speed -- --ignored --nocapture`).
     #[test]
     #[ignore]
     fn kquant_gemm16_vs_x8() {
-        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::IQ4_XS,
+        ] {
             let Some(g) = gemm16(ty) else {
                 return;
             };
