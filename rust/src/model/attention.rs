@@ -64,18 +64,44 @@ fn best_path(s: &AttnShape) -> Path {
 /// for a block are one 8-float vector).
 const ROWS: usize = 8;
 
-/// One KV head's keys and values as seen by one query token.
+/// One KV head's keys and values (packed by `pack_kv_head`) as seen by one query token.
 struct KvHead<'a> {
-    /// Key row j is `keys[j * kw..][..hk]`.
+    /// Key j is `keys[j * hk..][..hk]`.
     keys: &'a [f32],
-    /// Value row j is `values[j * vw..][..hv]`.
+    /// Dimensions c·w..(c+1)·w of value j are `values[(c * n_kv + j) * w..][..w]`, w the
+    /// kernel's register width.
     values: &'a [f32],
-    kw: usize,
-    vw: usize,
+    n_kv: usize,
     hk: usize,
     hv: usize,
     /// Keys 0..n_visible are unmasked.
     n_visible: usize,
+}
+
+/// KV head g's keys as contiguous rows, and its values in slices of `width` dimensions, each
+/// slice's keys contiguous: the weighted sum streams one slice over all keys, and rows of the
+/// cache (all KV heads) would put its loads a cache-set-aliasing stride apart.
+fn pack_kv_head(
+    keys: &[f32],
+    values: &[f32],
+    s: &AttnShape,
+    n_kv: usize,
+    g: usize,
+    width: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (hk, hv) = (s.head_dim_k, s.head_dim_v);
+    let (kw, vw) = (s.n_head_kv * hk, s.n_head_kv * hv);
+    let mut k = Vec::with_capacity(n_kv * hk);
+    for row in keys[..n_kv * kw].chunks_exact(kw) {
+        k.extend_from_slice(&row[g * hk..(g + 1) * hk]);
+    }
+    let mut v = Vec::with_capacity(n_kv * hv);
+    for c in (0..hv).step_by(width) {
+        for row in values[..n_kv * vw].chunks_exact(vw) {
+            v.extend_from_slice(&row[g * hv + c..g * hv + c + width]);
+        }
+    }
+    (k, v)
 }
 
 /// Per-thread buffers reused across work items.
@@ -102,16 +128,20 @@ fn attention_on(path: Path, q: &[f32], keys: &[f32], values: &[f32], s: AttnShap
         assert!(runnable(path, &s));
         assert!(keys.len() >= n_kv * kw && values.len() >= n_kv * vw);
         let scale = 1.0 / (hk as f32).sqrt();
+        let width = if path == Path::Avx512 { 16 } else { 8 };
+        let packed: Vec<(Vec<f32>, Vec<f32>)> = (0..s.n_head_kv)
+            .into_par_iter()
+            .map(|g| pack_kv_head(keys, values, &s, n_kv, g, width))
+            .collect();
         let mut out = vec![0f32; n * s.n_head * hv];
         out.par_chunks_mut(group * hv)
             .enumerate()
             .for_each_init(Scratch::default, |scratch, (i, o)| {
                 let (t, g) = (i / s.n_head_kv, i % s.n_head_kv);
                 let kv = KvHead {
-                    keys: &keys[g * hk..],
-                    values: &values[g * hv..],
-                    kw,
-                    vw,
+                    keys: &packed[g].0,
+                    values: &packed[g].1,
+                    n_kv,
                     hk,
                     hv,
                     n_visible: s.pos0 + t + 1,
@@ -315,7 +345,7 @@ mod x86 {
         let qp = q.as_ptr();
         let scale = _mm256_set1_ps(scale);
         for j in 0..kv.n_visible {
-            let k = kv.keys.as_ptr().add(j * kv.kw);
+            let k = kv.keys.as_ptr().add(j * hk);
             let mut lanes = [_mm256_setzero_ps(); ROWS];
             let mut r = 0;
             while r + 3 <= nr {
@@ -466,11 +496,11 @@ mod x86 {
         for (r, o) in out.chunks_exact_mut(hv).enumerate() {
             let pr = p.as_ptr().add(r);
             for d in (0..hv).step_by(8) {
-                let v = kv.values.as_ptr().add(d);
+                let v = kv.values.as_ptr().add(d * kv.n_kv);
                 let mut acc = [_mm256_setzero_ps(); 8];
                 let step = |j: usize, acc: &mut __m256| {
                     let pj = _mm256_set1_ps(*pr.add(j * ROWS));
-                    *acc = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v.add(j * kv.vw)), *acc);
+                    *acc = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v.add(j * 8)), *acc);
                 };
                 for j0 in (0..full).step_by(8) {
                     for (l, acc_l) in acc.iter_mut().enumerate() {
@@ -551,11 +581,13 @@ mod x86 {
         let hk = kv.hk;
         let scale = _mm256_set1_ps(scale);
         for j in 0..kv.n_visible {
-            let k = kv.keys.as_ptr().add(j * kv.kw);
+            let k = kv.keys.as_ptr().add(j * hk);
             let mut acc = [[_mm512_setzero_ps(); 4]; P];
             for i in (0..hk).step_by(32) {
                 for (a, off) in (i..i + 32).step_by(8).enumerate() {
-                    let kb = _mm512_broadcast_f32x8(_mm256_loadu_ps(k.add(off)));
+                    // (f64x4 is the AVX-512F form of this 8-float broadcast)
+                    let k8 = _mm256_loadu_pd(k.add(off).cast());
+                    let kb = _mm512_castpd_ps(_mm512_broadcast_f64x4(k8));
                     for (pair, acc_p) in acc.iter_mut().enumerate() {
                         let qv = _mm512_loadu_ps(q_pairs.add((pair * hk + off) * 2));
                         acc_p[a] = _mm512_add_ps(acc_p[a], _mm512_mul_ps(qv, kb));
@@ -685,7 +717,7 @@ mod x86 {
             let tile = (nr - r).min(3);
             for d in (0..kv.hv).step_by(16) {
                 let o = out.as_mut_ptr().add(r * kv.hv + d);
-                let (pr, v) = (p.as_ptr().add(r), kv.values.as_ptr().add(d));
+                let (pr, v) = (p.as_ptr().add(r), kv.values.as_ptr().add(d * kv.n_kv));
                 match tile {
                     3 => weighted_values_tile_avx512::<3>(pr, v, kv, o),
                     2 => weighted_values_tile_avx512::<2>(pr, v, kv, o),
@@ -708,7 +740,7 @@ mod x86 {
         let full = n - n % 8;
         let mut acc = [[_mm512_setzero_ps(); 8]; R];
         let step = |j: usize, l: usize, acc: &mut [[__m512; 8]; R]| {
-            let vj = _mm512_loadu_ps(v.add(j * kv.vw));
+            let vj = _mm512_loadu_ps(v.add(j * 16));
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let pj = _mm512_set1_ps(*p.add(j * ROWS + r));
                 acc_r[l] = _mm512_fmadd_ps(pj, vj, acc_r[l]);
@@ -832,6 +864,33 @@ mod tests {
             for (pos0, n) in [(0, 9), (30, 4), (505, 9)] {
                 check_paths(7 + i as u64, shape(8, 1, 128, 128, pos0), n, q_scale);
                 check_paths(9 + i as u64, shape(32, 4, 128, 128, pos0), n, q_scale);
+            }
+        }
+    }
+
+    /// Timing, not a check: `cargo test --release -p pyqmoe-core --lib attention_timing --
+    /// --ignored --nocapture` prints each path's best time on the A3B shape (32 query heads, 4 KV
+    /// heads, head size 128) for a 512-token prompt and for one token after 4096 cached.
+    #[test]
+    #[ignore]
+    fn attention_timing() {
+        for (pos0, n) in [(0, 512), (4096, 1)] {
+            let s = shape(32, 4, 128, 128, pos0);
+            let q = heavy_tailed(1, n * 32 * 128);
+            let keys = heavy_tailed(2, (pos0 + n) * 4 * 128);
+            let values = heavy_tailed(3, (pos0 + n) * 4 * 128);
+            for path in [Path::ByHead, Path::Avx2, Path::Avx512] {
+                if !runnable(path, &s) {
+                    continue;
+                }
+                let best = (0..7)
+                    .map(|_| {
+                        let start = std::time::Instant::now();
+                        std::hint::black_box(attention_on(path, &q, &keys, &values, s));
+                        start.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                println!("pos0 {pos0} n {n} {path:?}: {:.3} ms", best * 1e3);
             }
         }
     }
