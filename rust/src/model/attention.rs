@@ -64,12 +64,13 @@ fn best_path(s: &AttnShape) -> Path {
 /// for a block are one 8-float vector).
 const ROWS: usize = 8;
 
-/// One KV head's keys and values (packed by `pack_kv_head`) as seen by one query token.
+/// One KV head's keys and values as seen by one query token.
 struct KvHead<'a> {
-    /// Key j is `keys[j * hk..][..hk]`.
+    /// Key j is `keys[j * kw..][..hk]` (read in place: each is loaded once per block, whole).
     keys: &'a [f32],
-    /// Dimensions c·w..(c+1)·w of value j are `values[(c * n_kv + j) * w..][..w]`, w the
-    /// kernel's register width.
+    kw: usize,
+    /// Values packed by `pack_values`: dimensions c·w..(c+1)·w of value j are
+    /// `values[(c * n_kv + j) * w..][..w]`, w the kernel's register width.
     values: &'a [f32],
     n_kv: usize,
     hk: usize,
@@ -78,30 +79,18 @@ struct KvHead<'a> {
     n_visible: usize,
 }
 
-/// KV head g's keys as contiguous rows, and its values in slices of `width` dimensions, each
-/// slice's keys contiguous: the weighted sum streams one slice over all keys, and rows of the
-/// cache (all KV heads) would put its loads a cache-set-aliasing stride apart.
-fn pack_kv_head(
-    keys: &[f32],
-    values: &[f32],
-    s: &AttnShape,
-    n_kv: usize,
-    g: usize,
-    width: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let (hk, hv) = (s.head_dim_k, s.head_dim_v);
-    let (kw, vw) = (s.n_head_kv * hk, s.n_head_kv * hv);
-    let mut k = Vec::with_capacity(n_kv * hk);
-    for row in keys[..n_kv * kw].chunks_exact(kw) {
-        k.extend_from_slice(&row[g * hk..(g + 1) * hk]);
-    }
+/// KV head g's values in slices of `width` dimensions, each slice's keys contiguous: the weighted
+/// sum streams one slice over all keys, and in cache rows (all KV heads) its loads would be a
+/// cache-set-aliasing stride apart.
+fn pack_values(values: &[f32], s: &AttnShape, n_kv: usize, g: usize, width: usize) -> Vec<f32> {
+    let (hv, vw) = (s.head_dim_v, s.n_head_kv * s.head_dim_v);
     let mut v = Vec::with_capacity(n_kv * hv);
     for c in (0..hv).step_by(width) {
         for row in values[..n_kv * vw].chunks_exact(vw) {
             v.extend_from_slice(&row[g * hv + c..g * hv + c + width]);
         }
     }
-    (k, v)
+    v
 }
 
 /// Per-thread buffers reused across work items.
@@ -129,9 +118,9 @@ fn attention_on(path: Path, q: &[f32], keys: &[f32], values: &[f32], s: AttnShap
         assert!(keys.len() >= n_kv * kw && values.len() >= n_kv * vw);
         let scale = 1.0 / (hk as f32).sqrt();
         let width = if path == Path::Avx512 { 16 } else { 8 };
-        let packed: Vec<(Vec<f32>, Vec<f32>)> = (0..s.n_head_kv)
+        let packed_values: Vec<Vec<f32>> = (0..s.n_head_kv)
             .into_par_iter()
-            .map(|g| pack_kv_head(keys, values, &s, n_kv, g, width))
+            .map(|g| pack_values(values, &s, n_kv, g, width))
             .collect();
         let mut out = vec![0f32; n * s.n_head * hv];
         out.par_chunks_mut(group * hv)
@@ -139,8 +128,9 @@ fn attention_on(path: Path, q: &[f32], keys: &[f32], values: &[f32], s: AttnShap
             .for_each_init(Scratch::default, |scratch, (i, o)| {
                 let (t, g) = (i / s.n_head_kv, i % s.n_head_kv);
                 let kv = KvHead {
-                    keys: &packed[g].0,
-                    values: &packed[g].1,
+                    keys: &keys[g * hk..],
+                    kw,
+                    values: &packed_values[g],
                     n_kv,
                     hk,
                     hv,
@@ -345,7 +335,7 @@ mod x86 {
         let qp = q.as_ptr();
         let scale = _mm256_set1_ps(scale);
         for j in 0..kv.n_visible {
-            let k = kv.keys.as_ptr().add(j * hk);
+            let k = kv.keys.as_ptr().add(j * kv.kw);
             let mut lanes = [_mm256_setzero_ps(); ROWS];
             let mut r = 0;
             while r + 3 <= nr {
@@ -581,7 +571,7 @@ mod x86 {
         let hk = kv.hk;
         let scale = _mm256_set1_ps(scale);
         for j in 0..kv.n_visible {
-            let k = kv.keys.as_ptr().add(j * hk);
+            let k = kv.keys.as_ptr().add(j * kv.kw);
             let mut acc = [[_mm512_setzero_ps(); 4]; P];
             for i in (0..hk).step_by(32) {
                 for (a, off) in (i..i + 32).step_by(8).enumerate() {
