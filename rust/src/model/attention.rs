@@ -123,9 +123,9 @@ fn attention_on(path: Path, q: &[f32], keys: &[f32], values: &[f32], s: AttnShap
             .map(|g| pack_values(values, &s, n_kv, g, width))
             .collect();
         let mut out = vec![0f32; n * s.n_head * hv];
-        out.par_chunks_mut(group * hv)
-            .enumerate()
-            .for_each_init(Scratch::default, |scratch, (i, o)| {
+        out.par_chunks_mut(group * hv).enumerate().for_each_init(
+            Scratch::default,
+            |scratch, (i, o)| {
                 let (t, g) = (i / s.n_head_kv, i % s.n_head_kv);
                 let kv = KvHead {
                     keys: &keys[g * hk..],
@@ -147,7 +147,8 @@ fn attention_on(path: Path, q: &[f32], keys: &[f32], values: &[f32], s: AttnShap
                         }
                     }
                 }
-            });
+            },
+        );
         return out;
     }
     let _ = path;
@@ -348,14 +349,21 @@ mod x86 {
                 _ => {}
             }
             let dots = reduce8_rows_avx2(&lanes);
-            _mm256_storeu_ps(scores.as_mut_ptr().add(j * ROWS), _mm256_mul_ps(dots, scale));
+            _mm256_storeu_ps(
+                scores.as_mut_ptr().add(j * ROWS),
+                _mm256_mul_ps(dots, scale),
+            );
         }
     }
 
     /// For R consecutive query rows and one key: the 8 lanes `dot_kq_scalar` reduces at its end.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_lanes_avx2<const R: usize>(q: *const f32, hk: usize, k: *const f32) -> [__m256; R] {
+    unsafe fn dot_lanes_avx2<const R: usize>(
+        q: *const f32,
+        hk: usize,
+        k: *const f32,
+    ) -> [__m256; R] {
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
         for i in (0..hk).step_by(32) {
             for (a, off) in (i..i + 32).step_by(8).enumerate() {
@@ -386,8 +394,12 @@ mod x86 {
         let s45 = fold_halves(rows[4], rows[5]);
         let s67 = fold_halves(rows[6], rows[7]);
         // q0+q2 and q1+q3 of each row's 4 sums
-        let fold_pairs =
-            |a, b| _mm256_add_ps(_mm256_shuffle_ps::<0x44>(a, b), _mm256_shuffle_ps::<0xEE>(a, b));
+        let fold_pairs = |a, b| {
+            _mm256_add_ps(
+                _mm256_shuffle_ps::<0x44>(a, b),
+                _mm256_shuffle_ps::<0xEE>(a, b),
+            )
+        };
         let v0123 = fold_pairs(s01, s23);
         let v4567 = fold_pairs(s45, s67);
         // (q0+q2) + (q1+q3): rows 0 2 4 6 | 1 3 5 7
@@ -589,7 +601,10 @@ mod x86 {
                 *l = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
             }
             let dots = reduce8_rows_avx512(&lanes);
-            _mm256_storeu_ps(scores.as_mut_ptr().add(j * ROWS), _mm256_mul_ps(dots, scale));
+            _mm256_storeu_ps(
+                scores.as_mut_ptr().add(j * ROWS),
+                _mm256_mul_ps(dots, scale),
+            );
         }
     }
 
@@ -613,7 +628,10 @@ mod x86 {
             _mm512_shuffle_ps::<0xEE>(s0123, s4567),
         );
         // (q0+q2) + (q1+q3): row i at element 4i, row 4+i at 4i+1
-        let f = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(v, v), _mm512_shuffle_ps::<0xDD>(v, v));
+        let f = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(v, v),
+            _mm512_shuffle_ps::<0xDD>(v, v),
+        );
         let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
         _mm512_castps512_ps256(_mm512_permutexvar_ps(order, f))
     }
@@ -643,7 +661,8 @@ mod x86 {
             sum = _mm512_add_pd(sum, _mm512_cvtps_pd(chunk));
         }
         let inv = _mm512_cvtpd_ps(_mm512_div_pd(_mm512_set1_pd(1.0), sum));
-        let inv = _mm512_shuffle_f32x4::<0x44>(_mm512_castps256_ps512(inv), _mm512_castps256_ps512(inv));
+        let inv =
+            _mm512_shuffle_f32x4::<0x44>(_mm512_castps256_ps512(inv), _mm512_castps256_ps512(inv));
         for i in 0..n_pairs {
             let at = p.add(i * 16);
             _mm512_storeu_ps(at, _mm512_mul_ps(_mm512_loadu_ps(at), inv));
@@ -807,7 +826,10 @@ mod tests {
                 continue;
             }
             let got = attention_on(path, &q, &keys, &values, s);
-            let diff = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+            let diff = got
+                .iter()
+                .zip(&want)
+                .position(|(a, b)| a.to_bits() != b.to_bits());
             assert!(
                 diff.is_none(),
                 "{path:?} n_head {} n_head_kv {} hk {hk} hv {hv} pos0 {} n {n} q_scale {q_scale}: \
@@ -839,7 +861,12 @@ mod tests {
                 for (hk, hv) in [(128, 128), (64, 64)] {
                     for &(pos0, n) in &spans {
                         seed += 3;
-                        check_paths(seed, shape(group * n_head_kv, n_head_kv, hk, hv, pos0), n, 50.0);
+                        check_paths(
+                            seed,
+                            shape(group * n_head_kv, n_head_kv, hk, hv, pos0),
+                            n,
+                            50.0,
+                        );
                     }
                 }
             }
@@ -893,7 +920,6 @@ mod tests {
         assert_eq!(best_path(&shape(4, 2, 48, 40, 0)), Path::ByHead);
         assert!(!runnable(Path::Avx512, &shape(4, 2, 96, 24, 0)));
     }
-
 
     #[test]
     fn weighted_values_avx2_equals_portable() {
