@@ -3,8 +3,10 @@
 //! `config` reads hyper-parameters, `weights` finds the tensors (kept memory-mapped in their file
 //! type), `matmul` multiplies weight rows of any supported type with f32 activations (`vec_dot`: quantized
 //! dot kernels), `ops` holds
-//! the per-row operations, `forward` is the forward pass with its KV cache, `sampling` picks tokens.
+//! the per-row operations, `forward` is the forward pass with its KV cache (`attention`: its
+//! grouped-query attention), `sampling` picks tokens.
 
+mod attention;
 pub mod collect;
 pub mod config;
 pub mod forward;
