@@ -62,9 +62,11 @@ fn best_path(s: &AttnShape) -> Path {
 
 /// Query heads per block: one token's heads that share a KV head, at most 8 (the scores of a key
 /// for a block are one 8-float vector).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the blocked paths are x86 only
 const ROWS: usize = 8;
 
 /// One KV head's keys and values as seen by one query token.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the blocked paths are x86 only
 struct KvHead<'a> {
     /// Key j is `keys[j * kw..][..hk]` (read in place: each is loaded once per block, whole).
     keys: &'a [f32],
@@ -82,6 +84,7 @@ struct KvHead<'a> {
 /// KV head g's values in slices of `width` dimensions, each slice's keys contiguous: the weighted
 /// sum streams one slice over all keys, and in cache rows (all KV heads) its loads would be a
 /// cache-set-aliasing stride apart.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the blocked paths are x86 only
 fn pack_values(values: &[f32], s: &AttnShape, n_kv: usize, g: usize, width: usize) -> Vec<f32> {
     let (hv, vw) = (s.head_dim_v, s.n_head_kv * s.head_dim_v);
     let mut v = Vec::with_capacity(n_kv * hv);
@@ -94,6 +97,7 @@ fn pack_values(values: &[f32], s: &AttnShape, n_kv: usize, g: usize, width: usiz
 }
 
 /// Per-thread buffers reused across work items.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the blocked paths are x86 only
 #[derive(Default)]
 struct Scratch {
     /// Key-major scores of a block: `scores[j * ROWS + r]` is query row r's score (then

@@ -115,6 +115,9 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
     let token_major = gemm16.is_some();
     let block = if token_major {
         (n_rows / rayon::current_num_threads() / 2 / 16 * 16).clamp(16, 64)
+    } else if matches!(kernel, RowKernel::Quantized(_)) {
+        // no converted rows to keep in cache: blocks as large as the balance across threads allows
+        (n_rows / (4 * rayon::current_num_threads()) / 4 * 4).clamp(4, 256)
     } else {
         rows_per_block(n_rows, n_cols)
     };
@@ -440,16 +443,15 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn bf16_dot_rows4(w: [*const u8; 4], x: *const f32, n: usize) -> [f32; 4] {
         let mut acc = [_mm256_setzero_ps(); 4];
+        let ahead = super::super::vec_dot::rows4_prefetch_ahead(2 * n);
         let mut i = 0;
         while i + 8 <= n {
             let xv = _mm256_loadu_ps(x.add(i));
             for r in 0..4 {
                 let p = w[r].add(2 * i);
                 if i % 32 == 0 {
-                    // as the quantized generation kernels: far ahead, once per cache line
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        p.wrapping_add(super::super::vec_dot::PREFETCH_AHEAD) as *const i8,
-                    );
+                    // as the quantized generation kernels: a row group ahead, once per line
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
                 }
                 let h = _mm_loadu_si128(p as *const __m128i);
                 let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));

@@ -754,12 +754,14 @@ mod avx2 {
                 assert!(a.len() >= n * ACT_BYTES, "activation row too short");
                 let zero = _mm256_setzero_si256();
                 let mut acc = _mm_setzero_ps();
+                let ahead = super::super::rows4_prefetch_ahead(w[0].len());
                 for blk in 0..n {
                     // SAFETY: block `blk` < n lies inside every weight row and the activation
                     // row (asserted above).
                     let ab = a.as_ptr().add(blk * ACT_BYTES);
                     for wr in &w {
-                        super::super::prefetch_block(wr.as_ptr().add(blk * $bytes), $bytes);
+                        let wb = wr.as_ptr().add(blk * $bytes);
+                        super::super::prefetch_block_ahead(wb, $bytes, ahead);
                     }
                     let (s0, c0) = $prep(w[0].as_ptr().add(blk * $bytes));
                     let (s1, c1) = $prep(w[1].as_ptr().add(blk * $bytes));
@@ -840,6 +842,7 @@ mod avx2 {
                 assert!(a.len() >= n * ACT_BYTES, "activation row too short");
                 let zero = _mm256_setzero_si256();
                 let mut acc = _mm_setzero_ps();
+                let ahead = super::super::rows4_prefetch_ahead(w[0].len());
                 for blk in 0..n {
                     // SAFETY: block `blk` < n lies inside every weight row and the activation
                     // row (asserted above).
@@ -850,8 +853,9 @@ mod avx2 {
                     let mut d = [0f32; 4];
                     let mut dmin = [0f32; 4];
                     for r in 0..4 {
-                        super::super::prefetch_block(w[r].as_ptr().add(blk * $bytes), $bytes);
-                        let (st, common) = $prep(w[r].as_ptr().add(blk * $bytes));
+                        let wb = w[r].as_ptr().add(blk * $bytes);
+                        super::super::prefetch_block_ahead(wb, $bytes, ahead);
+                        let (st, common) = $prep(wb);
                         let mut sum = zero;
                         for c in 0..8 {
                             let qa = load(ab.add(ACT_QS + 32 * c));

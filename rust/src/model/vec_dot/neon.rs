@@ -71,7 +71,14 @@ pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
 #[inline]
 #[target_feature(enable = "neon")]
 pub(crate) fn prefetch_ahead(p: *const u8) {
-    let q = p.wrapping_add(PREFETCH_AHEAD);
+    prefetch_at(p, PREFETCH_AHEAD)
+}
+
+/// Hints the cache line `ahead` bytes past `p` into L1 (the 4-row kernels: `rows4_prefetch_ahead`).
+#[inline]
+#[target_feature(enable = "neon")]
+pub(crate) fn prefetch_at(p: *const u8, ahead: usize) {
+    let q = p.wrapping_add(ahead);
     // SAFETY: PRFM is only a hint; it never faults or writes memory.
     unsafe {
         asm!("prfm pldl1keep, [{q}]", q = in(reg) q, options(nostack, readonly, preserves_flags))
@@ -157,6 +164,7 @@ macro_rules! q8_0_kernels {
                 "weight row too short"
             );
             let mut acc = [[vdupq_n_f32(0.0); 2]; 4];
+            let ahead = super::rows4_prefetch_ahead(w[0].len());
             for b in 0..n {
                 // SAFETY: block b lies inside a and every weight row (asserted above).
                 unsafe {
@@ -168,7 +176,7 @@ macro_rules! q8_0_kernels {
                     ];
                     for (r, wr) in w.iter().enumerate() {
                         let wb = wr.as_ptr().add(b * BLOCK);
-                        prefetch_ahead(wb);
+                        prefetch_at(wb, ahead);
                         let d = vdupq_n_f32(f16_at(wb) * da);
                         let s0 = $quads(vld1q_s8(wb.add(2) as *const i8), qa[0]);
                         let s1 = $quads(vld1q_s8(wb.add(18) as *const i8), qa[1]);

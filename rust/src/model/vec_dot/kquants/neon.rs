@@ -10,7 +10,7 @@
 
 use std::arch::aarch64::*;
 
-use super::super::neon::{f16_at, prefetch_ahead, quads_mull, quads_sdot};
+use super::super::neon::{f16_at, prefetch_ahead, prefetch_at, quads_mull, quads_sdot};
 use super::{act_d, block_float, dot_kernels, DotKernels, ACT_BSUMS, ACT_BYTES, ACT_QS};
 use crate::quant::cpu;
 use crate::types::GgmlType;
@@ -374,6 +374,7 @@ macro_rules! k_kernels {
             );
             assert!(a.len() >= n * ACT_BYTES, "activation row too short");
             let mut acc = [0f32; 4];
+            let ahead = super::super::rows4_prefetch_ahead(w[0].len());
             for blk in 0..n {
                 let ab = &a[blk * ACT_BYTES..(blk + 1) * ACT_BYTES];
                 for r in 0..4 {
@@ -381,7 +382,7 @@ macro_rules! k_kernels {
                     unsafe {
                         let wb = w[r].as_ptr().add(blk * B::BYTES);
                         for off in (0..B::BYTES).step_by(64) {
-                            prefetch_ahead(wb.add(off));
+                            prefetch_at(wb.add(off), ahead);
                         }
                         let k = B::decode(wb);
                         let (sumi, summ) = $sums(&k, B::MINS, ab.as_ptr());
