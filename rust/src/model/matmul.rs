@@ -115,8 +115,9 @@ pub fn matmul(w: &Mat, x: &[f32], n_tok: usize, y: &mut [f32]) {
     let token_major = gemm16.is_some();
     let block = if token_major {
         (n_rows / rayon::current_num_threads() / 2 / 16 * 16).clamp(16, 64)
-    } else if matches!(kernel, RowKernel::Quantized(_)) {
-        // no converted rows to keep in cache: blocks as large as the balance across threads allows
+    } else if matches!(kernel, RowKernel::Quantized(_)) && n_tok < 4 {
+        // generation: no converted rows to keep in cache, so blocks as large as the balance
+        // across threads allows (fewer rayon tasks per multiply)
         (n_rows / (4 * rayon::current_num_threads()) / 4 * 4).clamp(4, 256)
     } else {
         rows_per_block(n_rows, n_cols)
