@@ -311,7 +311,7 @@ fn weighted_values_body<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32], o: &mut [
 /// each column of the key-major scores, and an output element is `weighted_values_body`'s (key j
 /// fused into lane j mod 8, lanes reduced as `ops::reduce8`). Only the loop order differs.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{KvHead, Scratch, ROWS};
@@ -682,7 +682,7 @@ mod x86 {
     /// `ops::expf_ggml` of 16 values, the same operations (both range branches, then a select).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn expf_ggml_avx512(x: __m512) -> __m512 {
+    pub(crate) unsafe fn expf_ggml_avx512(x: __m512) -> __m512 {
         let c = |bits: u32| _mm512_set1_ps(f32::from_bits(bits));
         let int = |bits: u32| _mm512_set1_epi32(bits as i32);
         let r = c(0x4b40_0000);
