@@ -147,19 +147,9 @@ def imatrix(model_path, text_file, output, chunks, ctx, threads):
     """
     from tqdm import tqdm
 
-    from .gguf_file import GGUFFile
     from .model import Model
-    from .models import default_model_path
 
-    path = Path(model_path) if model_path else default_model_path()
-    if chunks is not None and chunks < 1:
-        raise click.ClickException(f"--chunks must be at least 1, not {chunks}")
-    if not Path(text_file).is_file():
-        raise click.ClickException(f"-f/--file: {text_file} is not a readable file")
-    meta = GGUFFile(path).metadata
-    n_train = meta.get(f"{meta.get('general.architecture')}.context_length")
-    if ctx < 2 or (n_train and ctx > n_train):
-        raise click.ClickException(f"--ctx must be between 2 and the model's context {n_train}, not {ctx}")
+    path = _text_job(model_path, text_file, chunks, ctx, 2, "--ctx")
     if not Path(output).resolve().parent.is_dir():
         raise click.ClickException(f"-o/--output: the folder of {output} does not exist")
     legacy = Path(output).suffix.lower() == ".dat"
@@ -284,19 +274,9 @@ def kld(base_path, model_path, text_file, ctx, chunks, threads):
 def _chunked_text(model_path, text_file, ctx, chunks, threads, kv_type="f32", kv_type_v=None):
     """The model and the text's tokens for llama-perplexity-style chunks: (tokens, number of
     chunks, BOS id or None, first scored position, model)."""
-    from .gguf_file import GGUFFile
     from .model import Model
-    from .models import default_model_path
 
-    path = Path(model_path) if model_path else default_model_path()
-    if chunks is not None and chunks < 1:
-        raise click.ClickException(f"--chunks must be at least 1, not {chunks}")
-    if not Path(text_file).is_file():
-        raise click.ClickException(f"-f/--file: {text_file} is not a readable file")
-    meta = GGUFFile(path).metadata
-    n_train = meta.get(f"{meta.get('general.architecture')}.context_length")
-    if ctx < 4 or (n_train and ctx > n_train):
-        raise click.ClickException(f"--ctx-size must be between 4 and the model's context {n_train}, not {ctx}")
+    path = _text_job(model_path, text_file, chunks, ctx, 4, "--ctx-size")
     m = Model(path, threads=threads, n_ctx=ctx, kv_type=kv_type, kv_type_v=kv_type_v)
     with open(text_file, encoding="utf-8", errors="replace") as fh:
         text = fh.read()
@@ -306,3 +286,22 @@ def _chunked_text(model_path, text_file, ctx, chunks, threads, kv_type="f32", kv
     n_chunk = len(tokens) // ctx if chunks is None else min(chunks, len(tokens) // ctx)
     bos = m.tokenizer.bos_id if m.tokenizer.add_bos else None
     return tokens, n_chunk, bos, ctx // 2, m
+
+
+def _text_job(model_path, text_file, chunks, ctx, min_ctx, ctx_option):
+    """Checks the options every command over a text shares; returns the model's path."""
+    from .gguf_file import GGUFFile
+    from .models import default_model_path
+
+    path = Path(model_path) if model_path else default_model_path()
+    if chunks is not None and chunks < 1:
+        raise click.ClickException(f"--chunks must be at least 1, not {chunks}")
+    if not Path(text_file).is_file():
+        raise click.ClickException(f"-f/--file: {text_file} is not a readable file")
+    meta = GGUFFile(path).metadata
+    n_train = meta.get(f"{meta.get('general.architecture')}.context_length")
+    if ctx < min_ctx or (n_train and ctx > n_train):
+        raise click.ClickException(
+            f"{ctx_option} must be between {min_ctx} and the model's context {n_train}, not {ctx}"
+        )
+    return path
