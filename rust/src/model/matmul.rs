@@ -69,12 +69,12 @@ fn row_kernel(ty: GgmlType) -> RowKernel {
             }
         }
     }
-    match ty {
-        GgmlType::F32 if cfg!(target_endian = "little") => RowKernel::F32InPlace,
-        _ if vec_dot::kernels(ty).is_some() => {
-            RowKernel::Quantized(vec_dot::kernels(ty).expect("just checked"))
-        }
-        _ => RowKernel::ToF32(
+    if ty == GgmlType::F32 && cfg!(target_endian = "little") {
+        return RowKernel::F32InPlace;
+    }
+    match vec_dot::kernels(ty) {
+        Some(k) => RowKernel::Quantized(k),
+        None => RowKernel::ToF32(
             quant::kernels(ty)
                 .expect("weight types are checked at load time")
                 .dequantize_row,

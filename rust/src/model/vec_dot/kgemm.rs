@@ -82,6 +82,26 @@ trait Kind {
     unsafe fn decode(p: *const u8, row_bytes: usize, row_off: __m512i, dec: &mut Decoded16);
 }
 
+/// Byte offsets of 16 consecutive rows `row_bytes` apart, one per lane (the gathers' index).
+#[inline(always)]
+unsafe fn row_offsets(row_bytes: usize) -> __m512i {
+    _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(row_bytes as i32),
+    )
+}
+
+/// The 8 float lanes of a row kernel summed lane by lane as `ops::reduce8` (and the AVX2
+/// kernels' hsum) does: lanes l and l+4 first, then (0+2)+(1+3).
+#[inline(always)]
+unsafe fn reduce8_lanes(v: &[__m512; 8]) -> __m512 {
+    let mut q = [_mm512_setzero_ps(); 4];
+    for l in 0..4 {
+        q[l] = _mm512_add_ps(v[l], v[l + 4]);
+    }
+    _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]))
+}
+
 /// The dword at byte `off` of each row's block.
 #[inline(always)]
 unsafe fn gather(p: *const u8, row_off: __m512i, off: usize) -> __m512i {
@@ -420,10 +440,7 @@ unsafe fn groups_of<K: Kind, const G: usize>(
     out_stride: usize,
 ) {
     let n_tok = xs.len();
-    let row_off = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(row_bytes as i32),
-    );
+    let row_off = row_offsets(row_bytes);
     let mut acc = vec![_mm512_setzero_ps(); G * n_tok];
     let empty = Decoded16 {
         q: [_mm512_setzero_si512(); 64],
@@ -526,10 +543,7 @@ unsafe fn gemm_q8_0_group(
         "prepared activation row too short"
     );
     assert!(n_tok == 0 || out.len() >= (n_tok - 1) * out_stride + ROWS);
-    let row_off = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(row_bytes as i32),
-    );
+    let row_off = row_offsets(row_bytes);
     // every block of the 16 rows, decoded once: levels, step corrections, scales
     let mut wq = vec![_mm512_setzero_si512(); nb * 8];
     let mut start = vec![_mm512_setzero_si512(); nb * 8];
@@ -572,13 +586,7 @@ unsafe fn gemm_q8_0_group(
             }
         }
         for j in 0..if pair { 2 } else { 1 } {
-            // reduce8: lanes l and l+4 first, then (0+2)+(1+3)
-            let v = &acc[j];
-            let mut q = [_mm512_setzero_ps(); 4];
-            for l in 0..4 {
-                q[l] = _mm512_add_ps(v[l], v[l + 4]);
-            }
-            let r = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
+            let r = reduce8_lanes(&acc[j]);
             let o = (t + j) * out_stride;
             _mm512_storeu_ps(out[o..o + ROWS].as_mut_ptr(), r);
         }
@@ -653,10 +661,7 @@ unsafe fn gemm_iq4_xs_group(
         "prepared activation row too short"
     );
     assert!(n_tok == 0 || out.len() >= (n_tok - 1) * out_stride + ROWS);
-    let row_off = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(row_bytes as i32),
-    );
+    let row_off = row_offsets(row_bytes);
     let table = _mm512_broadcast_i32x4(_mm_loadu_si128(
         crate::quant::iq_tables::KVALUES_IQ4NL.as_ptr() as *const __m128i,
     ));
@@ -739,13 +744,8 @@ unsafe fn gemm_iq4_xs_group(
             }
         }
         for j in 0..if pair { 2 } else { 1 } {
-            // the 1-row kernel's hsum: lanes l and l+4 first, then (0+2)+(1+3); IQ4_XS's factor 1
-            let v = &acc[j];
-            let mut q = [_mm512_setzero_ps(); 4];
-            for l in 0..4 {
-                q[l] = _mm512_add_ps(v[l], v[l + 4]);
-            }
-            let r = _mm512_add_ps(_mm512_add_ps(q[0], q[2]), _mm512_add_ps(q[1], q[3]));
+            // IQ4_XS's factor is 1: nothing to multiply
+            let r = reduce8_lanes(&acc[j]);
             let o = (t + j) * out_stride;
             _mm512_storeu_ps(out[o..o + ROWS].as_mut_ptr(), r);
         }
